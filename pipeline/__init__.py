@@ -1,0 +1,1 @@
+"""Pure core: slide IO, tiling, segmentation, morphometrics, outputs. No Ray here."""

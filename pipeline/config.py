@@ -1,0 +1,105 @@
+"""Frozen, validated configuration objects, passed down explicitly.
+
+Nothing here is module-level mutable state: a driver builds one ``ExtractConfig``
+and ships it to every worker, so what a Ray worker sees is what the user asked for.
+Units live in the names (``tile_px``, ``mpp``, ``max_nucleus_um``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+SEGMENTERS = ("classical", "attention")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiling at the segmenter's working resolution.
+
+    ``tile_px`` is the edge of the window read for one tile; ``overlap_px`` the width
+    of the band neighbouring windows share. Each window owns its *core*: the window
+    shrunk by ``overlap_px // 2`` on each side (to the slide border at the edges).
+    Cores partition the slide, so a nucleus is reported by exactly one tile: the
+    one whose core holds its centroid.
+    """
+
+    tile_px: int = 1024
+    overlap_px: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tile_px, int) or self.tile_px < 64:
+            raise ConfigError(f"tile_px must be an integer >= 64, got {self.tile_px!r}")
+        if not isinstance(self.overlap_px, int) or self.overlap_px < 0 or self.overlap_px % 2:
+            raise ConfigError(f"overlap_px must be an even integer >= 0, got {self.overlap_px!r}")
+        if self.tile_px - self.overlap_px < 32:
+            raise ConfigError(
+                f"tile_px ({self.tile_px}) must exceed overlap_px ({self.overlap_px}) by at least 32"
+            )
+
+    @property
+    def stride_px(self) -> int:
+        return self.tile_px - self.overlap_px
+
+    @property
+    def margin_px(self) -> int:
+        return self.overlap_px // 2
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that decides the nuclei a slide yields (hashed into the run id)."""
+
+    segmenter: str = "classical"
+    model_path: str | None = None
+    tile_px: int = 1024
+    #: None: twice the segmenter's context (receptive field / 2 + largest nucleus / 2).
+    overlap_px: int | None = None
+    #: µm/px of level 0 for every slide, overriding metadata (None: read from metadata).
+    mpp_override: float | None = None
+    #: µm/px the segmenter works at (None: the segmenter's own default).
+    seg_mpp: float | None = None
+    #: µm/px of the view the tissue mask is computed on.
+    tissue_mpp: float = 8.0
+    #: Largest QC thumbnail edge in pixels.
+    qc_max_px: int = 2048
+    #: Dihedral test-time augmentation for the attention segmenter.
+    tta: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.segmenter not in SEGMENTERS:
+            raise ConfigError(f"segmenter must be one of {SEGMENTERS}, got {self.segmenter!r}")
+        if self.segmenter == "attention" and not self.model_path:
+            raise ConfigError("the attention segmenter needs model weights (--model PATH)")
+        if not isinstance(self.tile_px, int) or self.tile_px < 64:
+            raise ConfigError(f"tile_px must be an integer >= 64, got {self.tile_px!r}")
+        if self.overlap_px is not None:
+            TileConfig(self.tile_px, self.overlap_px)
+        for name in ("mpp_override", "seg_mpp"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(name, value)
+        _positive("tissue_mpp", self.tissue_mpp)
+        if not isinstance(self.qc_max_px, int) or self.qc_max_px < 64:
+            raise ConfigError(f"qc_max_px must be an integer >= 64, got {self.qc_max_px!r}")
+
+    def tiles(self, context_px: int) -> TileConfig:
+        """The tile geometry, filling in the default overlap from a segmenter's context."""
+        overlap = self.overlap_px if self.overlap_px is not None else 2 * context_px
+        overlap += overlap % 2
+        return TileConfig(self.tile_px, overlap)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data for run.json, without storage options (credentials)."""
+        data = asdict(self)
+        data.pop("storage_options", None)
+        return data

@@ -1,0 +1,78 @@
+"""The segmenter interface shared by the classical baseline and the attention model.
+
+A segmenter turns an RGB tile at its working resolution into an instance label
+image (0 = background, 1..N nuclei). Whatever must be identical for every tile of
+one slide (stain statistics, a global threshold) is computed once per slide by
+``fit`` from a low-resolution view and passed back into ``segment``: tiles never
+compute their own thresholds, so seams cannot change the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True)
+class SlideStats:
+    """Per-slide statistics a segmenter needs, computed once by ``Segmenter.fit``.
+
+    ``values`` holds named floats (e.g. Reinhard LAB means/stds, an OD threshold).
+    """
+
+    values: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """What every segmenter provides."""
+
+    #: Short name recorded in outputs ("classical", "attention").
+    name: str
+    #: Identifier of the model (weights hash) or of the parameter set.
+    model_id: str
+    #: µm/px the segmenter works at by default.
+    mpp: float
+    #: µm of context a tile needs on each side of its core for the core's nuclei to be
+    #: exact: half the receptive field plus the radius of the largest nucleus.
+    context_um: float
+
+    def fit(self, rgb: NDArray[np.uint8], mpp: float) -> SlideStats:
+        """Compute per-slide statistics from a (low-resolution) RGB view of the tissue."""
+        ...
+
+    def segment(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.int32]:
+        """Instance labels (H, W) int32 for an RGB uint8 (H, W, 3) tile at ``mpp`` µm/px."""
+        ...
+
+
+def make_segmenter(name: str, model_path: str | None = None, *, tta: bool = True, device: str | None = None) -> Segmenter:
+    """Build a segmenter by name; heavy dependencies (torch) load only when needed."""
+    if name == "classical":
+        from .classical import ClassicalSegmenter
+
+        return ClassicalSegmenter()
+    if name == "attention":
+        if not model_path:
+            from .errors import ConfigError
+
+            raise ConfigError("the attention segmenter needs model weights (--model PATH)")
+        from .attention import AttentionSegmenter
+
+        return AttentionSegmenter(model_path, device=device, tta=tta)
+    from .errors import ConfigError
+
+    raise ConfigError(f"unknown segmenter {name!r}; choose classical or attention")
+
+
+def default_segmenter() -> tuple[str, str | None]:
+    """The segmenter used when none is named: the shipped attention model once it exists."""
+    from pathlib import Path
+
+    weights = Path(__file__).with_name("weights") / "attention_f.safetensors"
+    if weights.exists():
+        return "attention", str(weights)
+    return "classical", None

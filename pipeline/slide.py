@@ -1,0 +1,392 @@
+"""Whole-slide image access by physical resolution, on top of tiffslide.
+
+``Slide.open`` accepts local paths and fsspec URIs (file://, memory://, s3://, ...),
+checks the file is a usable brightfield RGB slide with a known µm/px, and translates
+every failure into a typed :class:`~.errors.SlideError` naming the file.
+``Slide.read_region`` returns pixels of any requested size ``mpp`` with exact
+geometry: output pixel (i, j) covers level-0 [x + j*s, x + (j+1)*s) x
+[y + i*s, y + (i+1)*s), s = mpp / level-0 mpp. It reads the coarsest sufficient
+level, area-averages when downsampling (bilinear when upsampling), pads with white
+outside the slide and works in bounded chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from types import TracebackType
+from typing import IO, Any
+from urllib.parse import urlparse
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+from numpy.typing import NDArray
+from tiffslide import TiffSlide
+
+from . import resample
+from .brightfield import check_brightfield
+from .errors import (
+    ConfigError,
+    NotBrightfieldError,
+    SlideError,
+    SlideFormatError,
+    SlideNotFoundError,
+    SlideSizeError,
+    UnknownResolutionError,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Plausible level-0 pixel sizes (µm/px); anything else in metadata is refused.
+MPP_RANGE = (0.05, 50.0)
+#: Largest plausible slide side in pixels.
+MAX_SIDE_PX = 500_000
+#: Source window (level pixels per side) read and resampled at once, rounded to tiles.
+CHUNK_SRC_PX = 2048
+#: Block size of the read cache for remote (fsspec) files.
+_REMOTE_BLOCK_BYTES = 4 << 20
+#: A level may be up to this much finer than requested and still be chosen.
+_LEVEL_SLACK = 1.001
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a slide declares, in level-0 pixels and µm."""
+
+    uri: str
+    width_px: int
+    height_px: int
+    mpp: float
+    mpp_source: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    vendor: str
+    objective_power: float | None
+
+
+class _LevelSlide(TiffSlide):
+    """TiffSlide whose ``read_region`` location is in the coordinates of the level read."""
+
+    def _read_region_loc_transform(self, location: tuple[int, int], level: int) -> tuple[int, int]:
+        return location
+
+
+def slide_id_from_uri(uri: str) -> str:
+    """The file stem of ``uri`` (".ome" dropped too), sanitised to [A-Za-z0-9._-]."""
+    path = urlparse(uri).path if "://" in uri else uri
+    name = PurePosixPath(path.replace("\\", "/")).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = PurePosixPath(name).stem if "." in name.lstrip(".") else name
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return clean or "slide"
+
+
+class Slide:
+    """An open slide; use :meth:`open` (a context manager)."""
+
+    def __init__(self, ts: TiffSlide, handle: IO[bytes] | None, info: SlideInfo,
+                 scales: tuple[tuple[float, float], ...], tiles: tuple[tuple[int, int], ...]) -> None:
+        self._ts = ts
+        self._handle = handle
+        self.info = info
+        self._scales = scales  # per level: level-0 px per level px, (x, y)
+        self._tiles = tiles  # per level: tile (width, height), 0 when not tiled
+
+    # --- opening ----------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, uri: str, *, storage_options: Mapping[str, Any] | None = None,
+             mpp_override: float | None = None, require_brightfield: bool = True) -> Slide:
+        """Open and validate a slide; raises a typed SlideError naming ``uri``."""
+        uri = os.fspath(uri)
+        if mpp_override is not None and not (MPP_RANGE[0] <= mpp_override <= MPP_RANGE[1]):
+            raise ConfigError(f"mpp_override must be within {MPP_RANGE} µm/px, got {mpp_override!r}")
+        ts, handle = _open_tiffslide(uri, dict(storage_options or {}))
+        try:
+            props = _properties(uri, ts)
+            _check_pixels(uri, ts, props)
+            scales = _level_scales(uri, ts)
+            mpp, source = _resolution(uri, props, mpp_override)
+            info = SlideInfo(
+                uri=uri,
+                width_px=ts.dimensions[0],
+                height_px=ts.dimensions[1],
+                mpp=mpp,
+                mpp_source=source,
+                level_dimensions=tuple((int(w), int(h)) for w, h in ts.level_dimensions),
+                level_downsamples=tuple((sx + sy) / 2 for sx, sy in scales),
+                vendor=str(props.get("tiffslide.vendor") or "generic-tiff"),
+                objective_power=_float_or_none(props.get("tiffslide.objective-power")),
+            )
+            tiles = tuple((_int_or_zero(props.get(f"tiffslide.level[{i}].tile-width")),
+                           _int_or_zero(props.get(f"tiffslide.level[{i}].tile-height"))) for i in range(len(scales)))
+            slide = cls(ts, handle, info, scales, tiles)
+            if require_brightfield:
+                check_brightfield(uri, slide._coarse_sample())
+        except BaseException:
+            _close_quietly(ts, handle)
+            raise
+        logger.debug("opened %s: %s", uri, info)
+        return slide
+
+    def close(self) -> None:
+        _close_quietly(self._ts, self._handle)
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- reading ----------------------------------------------------------------------
+
+    def best_level(self, mpp: float) -> int:
+        """The coarsest level whose pixels are no larger than ``mpp`` (x 1.001)."""
+        best = 0
+        for level, ds in enumerate(self.info.level_downsamples):
+            if self.info.mpp * ds <= mpp * _LEVEL_SLACK:
+                best = level
+        return best
+
+    def read_region(self, x_px: float, y_px: float, width: int, height: int, mpp: float) -> NDArray[np.uint8]:
+        """RGB (height, width, 3) at ``mpp`` µm/px, top-left at level-0 (x_px, y_px)."""
+        if width < 1 or height < 1 or not (mpp > 0 and math.isfinite(mpp)):
+            raise ValueError(f"need width, height >= 1 and mpp > 0, got {width}, {height}, {mpp}")
+        level = self.best_level(mpp)
+        (sx, sy), (tile_w, tile_h) = self._scales[level], self._tiles[level]
+        s = mpp / self.info.mpp
+        x0, y0, step_x, step_y = x_px / sx, y_px / sy, s / sx, s / sy
+        out = np.empty((height, width, 3), np.uint8)
+        rows = _chunk_edges(height, y0, step_y, tile_h)
+        cols = _chunk_edges(width, x0, step_x, tile_w)
+        for j0, j1 in zip(rows[:-1], rows[1:]):
+            ymap = resample.axis_map(y0 + j0 * step_y, step_y, j1 - j0)
+            for i0, i1 in zip(cols[:-1], cols[1:]):
+                xmap = resample.axis_map(x0 + i0 * step_x, step_x, i1 - i0)
+                src = self._read_level(level, xmap.src_lo, ymap.src_lo, xmap.src_hi, ymap.src_hi)
+                out[j0:j1, i0:i1] = resample.apply(src, ymap, xmap)
+        return out
+
+    def thumbnail(self, mpp: float) -> NDArray[np.uint8]:
+        """The whole slide at ``mpp`` µm/px (sizes rounded up; the last pixels padded white)."""
+        scale = self.info.mpp / mpp
+        width = max(1, math.ceil(self.info.width_px * scale - 1e-9))
+        height = max(1, math.ceil(self.info.height_px * scale - 1e-9))
+        return self.read_region(0.0, 0.0, width, height, mpp)
+
+    def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> NDArray[np.uint8]:
+        """Level pixels [y0, y1) x [x0, x1) as RGB, white where outside the level."""
+        lw, lh = self.info.level_dimensions[level]
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, lw), min(y1, lh)
+        inside = cx0 < cx1 and cy0 < cy1
+        if inside and (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
+            return self._read_raw(level, x0, y0, x1 - x0, y1 - y0)
+        out = np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
+        if inside:
+            out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = self._read_raw(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+        return out
+
+    def _read_raw(self, level: int, x: int, y: int, w: int, h: int) -> NDArray[np.uint8]:
+        try:
+            arr = self._ts.read_region((x, y), level, (w, h), as_array=True, padding=False)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise SlideFormatError(
+                self.info.uri, f"truncated or corrupt tile data at level {level}, x={x}, y={y}: {exc}"
+            ) from exc
+        if arr.ndim != 3 or arr.shape[:2] != (h, w):
+            raise SlideFormatError(self.info.uri, f"level {level} returned shape {arr.shape}, expected ({h}, {w}, 3)")
+        rgb = arr[..., :3]
+        return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+    def _coarse_sample(self, max_px: int = 2048 * 2048, grid: int = 8, patch_px: int = 128) -> NDArray[np.uint8]:
+        """Pixels of the coarsest level: all of it if small, else a grid of patches."""
+        level = len(self.info.level_dimensions) - 1
+        lw, lh = self.info.level_dimensions[level]
+        if lw * lh <= max_px:
+            return self._read_raw(level, 0, 0, lw, lh)
+        patches = []
+        pw, ph = min(patch_px, lw), min(patch_px, lh)
+        for gy in range(grid):
+            for gx in range(grid):
+                x = int((gx + 0.5) * lw / grid - pw / 2)
+                y = int((gy + 0.5) * lh / grid - ph / 2)
+                patches.append(self._read_raw(level, min(max(x, 0), lw - pw), min(max(y, 0), lh - ph), pw, ph))
+        return np.concatenate(patches, axis=0)
+
+
+# --- opening helpers ----------------------------------------------------------------------
+
+
+def _open_tiffslide(uri: str, storage_options: dict[str, Any]) -> tuple[TiffSlide, IO[bytes] | None]:
+    """Locate the file and hand it to tiffslide (a path for local files, else an open file)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        exists = fs.exists(path)
+        is_dir = exists and fs.isdir(path)
+    except Exception as exc:
+        raise SlideNotFoundError(uri, f"cannot be reached: {exc}") from exc
+    if not exists:
+        raise SlideNotFoundError(uri, "no such file")
+    if is_dir:
+        raise SlideFormatError(uri, "is a directory, not a slide file")
+    handle: IO[bytes] | None = None
+    try:
+        if isinstance(fs, LocalFileSystem):
+            source: Any = path
+        else:
+            handle = _open_remote(fs, path)
+            source = handle
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ts = _LevelSlide(source)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if handle is not None:
+            handle.close()
+        raise SlideFormatError(uri, f"not a readable TIFF whole-slide image ({type(exc).__name__}: {exc})") from exc
+    return ts, handle
+
+
+def _open_remote(fs: Any, path: str) -> IO[bytes]:
+    """Open for random access: a block cache of a few MiB beats read-ahead for tiled TIFFs."""
+    try:
+        handle: IO[bytes] = fs.open(path, "rb", block_size=_REMOTE_BLOCK_BYTES, cache_type="blockcache")
+    except TypeError:  # a filesystem without these options
+        handle = fs.open(path, "rb")
+    return handle
+
+
+def _properties(uri: str, ts: TiffSlide) -> dict[str, Any]:
+    try:
+        if len(ts.ts_tifffile.pages) == 0:
+            raise SlideFormatError(uri, "contains no readable image (empty or truncated file)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            props = dict(ts.properties)
+            _ = ts.level_dimensions
+    except (MemoryError, SlideError):
+        raise
+    except Exception as exc:
+        raise SlideFormatError(uri, f"unreadable slide structure ({type(exc).__name__}: {exc})") from exc
+    return props
+
+
+def _check_pixels(uri: str, ts: TiffSlide, props: Mapping[str, Any]) -> None:
+    """RGB(A) uint8 pixels, or NotBrightfieldError."""
+    axes = str(props.get("tiffslide.series-axes"))
+    try:
+        series = ts.ts_tifffile.series[int(props.get("tiffslide.series-index") or 0)]
+        dtype, shape = np.dtype(series.dtype), tuple(series.levels[0].shape)
+    except Exception as exc:
+        raise SlideFormatError(uri, f"unreadable image series ({type(exc).__name__}: {exc})") from exc
+    samples = {"YXS": shape[-1], "CYX": shape[0], "YX": 1}.get(axes)
+    if samples is None:
+        raise SlideFormatError(uri, f"unsupported image layout {axes!r} {shape}")
+    if samples not in (3, 4) or dtype != np.uint8:
+        raise NotBrightfieldError(uri, f"pixels are {samples}-channel {dtype}, not 8-bit RGB brightfield")
+
+
+def _level_scales(uri: str, ts: TiffSlide) -> tuple[tuple[float, float], ...]:
+    """Per level (x, y) level-0 px per level px; integer when the level is an integer reduction."""
+    dims = [(int(w), int(h)) for w, h in ts.level_dimensions]
+    w0, h0 = dims[0]
+    if not (0 < w0 <= MAX_SIDE_PX and 0 < h0 <= MAX_SIDE_PX):
+        raise SlideSizeError(uri, f"declared size {w0}x{h0} px is outside 1..{MAX_SIDE_PX} px a side")
+    scales: list[tuple[float, float]] = []
+    for level, (w, h) in enumerate(dims):
+        if not (0 < w <= w0 and 0 < h <= h0):
+            raise SlideSizeError(uri, f"level {level} size {w}x{h} px does not fit level 0 ({w0}x{h0})")
+        sx, sy = _level_scale(w0, h0, w, h)
+        # a uniform reduction: either axis' size follows from the other axis' scale, up to rounding
+        if abs(w0 / sy - w) > 1.5 and abs(h0 / sx - h) > 1.5:
+            raise SlideSizeError(uri, f"level {level} ({w}x{h}) is not a uniform reduction of {w0}x{h0}")
+        if scales and (sx + sy) <= sum(scales[-1]):
+            raise SlideSizeError(uri, f"level {level} is not coarser than level {level - 1}")
+        scales.append((sx, sy))
+    return tuple(scales)
+
+
+def _level_scale(w0: int, h0: int, w: int, h: int) -> tuple[float, float]:
+    """(k, k) when the level is level 0 reduced by an integer k (sizes floored or ceiled), else the ratios."""
+    k = round((w0 + h0) / (w + h))
+    if k >= 1 and w in (w0 // k, -(-w0 // k)) and h in (h0 // k, -(-h0 // k)):
+        return float(k), float(k)
+    return w0 / w, h0 / h
+
+
+def _resolution(uri: str, props: Mapping[str, Any], override: float | None) -> tuple[float, str]:
+    if override is not None:
+        return float(override), "override"
+    mx, my = _float_or_none(props.get("tiffslide.mpp-x")), _float_or_none(props.get("tiffslide.mpp-y"))
+    values = [v for v in (mx, my) if v is not None]
+    if not values:
+        raise UnknownResolutionError(uri, "resolution unknown: the file declares no µm/px; pass --mpp")
+    mpp = sum(values) / len(values)
+    if not all(MPP_RANGE[0] <= v <= MPP_RANGE[1] for v in values):
+        raise UnknownResolutionError(
+            uri, f"resolution unknown: declared {values} µm/px is implausible "
+                 f"(outside {MPP_RANGE[0]}-{MPP_RANGE[1]}); pass --mpp")
+    if max(values) > 1.02 * min(values):
+        raise SlideFormatError(uri, f"non-square pixels ({mx} x {my} µm) are not supported")
+    return mpp, "metadata"
+
+
+def _int_or_zero(value: Any) -> int:
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _chunk_edges(n: int, start: float, step: float, tile: int) -> list[int]:
+    """Output indices splitting ``n`` pixels into chunks whose source windows are about
+    CHUNK_SRC_PX level px (output chunks too) and, for tiled levels, begin on tile boundaries."""
+    limit = max(1, int(CHUNK_SRC_PX * min(1.0, step)))  # upsampling: bound the output chunk too
+    chunk = max(tile, limit // tile * tile) if tile else limit
+    edges = [0]
+    m = math.floor(start / chunk) + 1
+    while True:
+        j = math.ceil((m * chunk - start) / step - 1e-9)
+        if j >= n:
+            break
+        if j > edges[-1]:
+            edges.append(j)
+        m += max(1, math.floor(step / chunk))
+    edges.append(n)
+    return edges
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def _close_quietly(ts: TiffSlide, handle: IO[bytes] | None) -> None:
+    for closer in (ts.close, handle.close if handle is not None else None):
+        if closer is None:
+            continue
+        try:
+            closer()
+        except Exception as exc:  # closing must not hide the original error
+            logger.debug("ignoring error while closing: %r", exc)
+
+
+__all__ = ["MPP_RANGE", "Slide", "SlideInfo", "slide_id_from_uri"]

@@ -1,0 +1,76 @@
+"""Shared fixtures: synthetic slides with known nuclei, deliberately bad inputs, ../shared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nucleiscope.pipeline import synthetic
+from nucleiscope.pipeline.synthetic import SyntheticTruth
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only data directory beside the repository (skips when absent)."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip("../shared not present beside the repository")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def slides_dir(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "slides"
+
+
+@pytest.fixture(scope="session")
+def monuseg_dir(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "monuseg-train"
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> SyntheticTruth:
+    """3000 x 2500 px at 0.25 µm/px, levels at downsample 1, 4, 16, lossless; ``.path`` is the file."""
+    path = tmp_path_factory.mktemp("synthetic") / "synthetic.svs"
+    return synthetic.write_synthetic_slide(path, width_px=3000, height_px=2500, mpp=0.25, min_level_px=256, seed=7)
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory: pytest.TempPathFactory, synthetic_slide: SyntheticTruth) -> dict[str, Path]:
+    """Files that must be refused, by the kind of failure they should produce."""
+    root = tmp_path_factory.mktemp("bad")
+    text = root / "notes.svs"
+    text.write_text("this is a text file, not a slide\n" * 50)
+    png = root / "picture.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(png)
+    return {
+        "missing": root / "does-not-exist.svs",
+        "random_bytes": synthetic.write_random_bytes(root / "random.svs", 50_000),
+        "text": text,
+        "png": png,
+        "truncated": synthetic.write_truncated_copy(synthetic_slide.path, root / "truncated.svs", 0.5),
+        "no_resolution": synthetic.write_tiff_without_resolution(root / "no-mpp.tif"),
+        "absurd_size": synthetic.write_absurd_size_tiff(root / "huge.svs"),
+        "inconsistent_levels": synthetic.write_inconsistent_levels_tiff(root / "levels.svs"),
+        "fluorescence": synthetic.write_fluorescence_like_slide(root / "fluorescence.svs"),
+    }
+
+
+@pytest.fixture(scope="session")
+def big_single_level_slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[SyntheticTruth, int]:
+    """An 8000 x 8000 single-level JPEG slide (192 MB of pixels) and the traced peak bytes of writing it."""
+    import tracemalloc
+
+    path = tmp_path_factory.mktemp("big") / "big.svs"
+    tracemalloc.start()
+    try:
+        truth = synthetic.write_synthetic_slide(path, width_px=8000, height_px=8000, max_levels=1,
+                                                compression="jpeg", seed=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return truth, peak
