@@ -159,7 +159,15 @@ class AttentionSegmenter:
     ) -> list[NDArray[np.int32]]:
         """Instance labels of several tiles (one batched network pass per shape group)."""
         maps = self.attention_maps(tiles, mpp, stats)
-        return [split_instances(m > self.threshold, mpp) for m in maps]
+        return [self.postprocess(m, mpp, stats) for m in maps]
+
+    def predict(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.float32]:
+        """The attention map of one tile (the network part)."""
+        return self.attention_map(rgb, mpp, stats)
+
+    def postprocess(self, evidence: NDArray[np.float32], mpp: float, stats: SlideStats) -> NDArray[np.int32]:
+        """Attention > threshold, then ``split_instances`` (the paper's post-processing)."""
+        return split_instances(evidence > self.threshold, mpp)
 
     def segment(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.int32]:
         """Instance labels (H, W) int32: attention > threshold, then ``split_instances``."""

@@ -179,10 +179,19 @@ class ClassicalSegmenter:
             mask = ndi.binary_dilation(mask, structure=fp, border_value=0)
         return remove_small_components(mask, p.min_component_um2 / px2)
 
+    def predict(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.bool_]:
+        """The cleaned nucleus mask (``foreground``)."""
+        return self.foreground(rgb, mpp, stats)
+
     def segment(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.int32]:
         """Instance labels (H, W) int32, numbered in raster order of their seeds."""
+        return self.postprocess(self.foreground(rgb, mpp, stats), mpp, stats)
+
+    def postprocess(self, evidence: NDArray[np.bool_], mpp: float, stats: SlideStats) -> NDArray[np.int32]:
+        """Distance-watershed split of the mask, then the nucleus area filter."""
+        _check_mpp(mpp)
         p = self.params
-        mask = self.foreground(rgb, mpp, stats)
+        mask = np.asarray(evidence, dtype=bool)
         labels = distance_watershed(
             mask,
             sigma_px=p.split_sigma_um / mpp,

@@ -107,7 +107,9 @@ def segment_tile(
     with timer("read"):
         rgb = slide.read_region(tile.x_px * scale, tile.y_px * scale, tile.size_px, tile.size_px, seg_mpp)
     with timer("segment"):
-        labels = keep_owned(segmenter.segment(rgb, seg_mpp, stats), tile)
+        evidence = segmenter.predict(rgb, seg_mpp, stats)
+    with timer("postprocess"):
+        labels = keep_owned(segmenter.postprocess(evidence, seg_mpp, stats), tile)
     with timer("measure"):
         table = measure_nuclei(
             labels, rgb, mpp=slide.info.mpp, origin_px=(tile.x_px * scale, tile.y_px * scale),
@@ -213,7 +215,7 @@ def _record(
 ) -> dict[str, Any]:
     total = time.perf_counter() - start
     seconds = {f"seconds_{k}": round(v, 4) for k, v in timer.seconds.items()}
-    compute = timer.seconds.get("read", 0.0) + timer.seconds.get("segment", 0.0) + timer.seconds.get("measure", 0.0)
+    compute = sum(timer.seconds.get(k, 0.0) for k in ("read", "segment", "postprocess", "measure"))
     return summary.finish(
         slide_id=slide_id, uri=uri, width_px=info.width_px, height_px=info.height_px,
         mpp=info.mpp, mpp_source=info.mpp_source, seg_mpp=seg_mpp, segmenter=segmenter.name,

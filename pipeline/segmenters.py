@@ -10,7 +10,7 @@ compute their own thresholds, so seams cannot change the result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,8 +44,17 @@ class Segmenter(Protocol):
         """Compute per-slide statistics from a (low-resolution) RGB view of the tissue."""
         ...
 
+    def predict(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[Any]:
+        """Per-pixel nucleus evidence of a tile (a mask or a map): the part a GPU would run."""
+        ...
+
+    def postprocess(self, evidence: NDArray[Any], mpp: float, stats: SlideStats) -> NDArray[np.int32]:
+        """Instance labels (H, W) int32 from ``predict``'s evidence (CPU work)."""
+        ...
+
     def segment(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.int32]:
-        """Instance labels (H, W) int32 for an RGB uint8 (H, W, 3) tile at ``mpp`` µm/px."""
+        """Instance labels (H, W) int32 for an RGB uint8 (H, W, 3) tile at ``mpp`` µm/px:
+        ``postprocess(predict(rgb))``."""
         ...
 
 
