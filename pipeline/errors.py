@@ -51,3 +51,7 @@ class ModelError(NucleiscopeError):
 
 class OutputError(NucleiscopeError):
     """Results could not be written or committed."""
+
+
+class DemoDataError(NucleiscopeError):
+    """The demo slide could not be fetched or failed its checksum."""

@@ -132,4 +132,4 @@ def keep_owned(labels: NDArray[np.integer], tile: Tile) -> NDArray[np.int32]:
     owned = values[tile.owns(cx + tile.x_px, cy + tile.y_px)]
     lut = np.zeros(int(labels.max()) + 1 if labels.size else 1, dtype=np.int32)
     lut[owned] = owned.astype(np.int32)
-    return lut[labels]
+    return np.asarray(lut[labels], dtype=np.int32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,17 @@ from nucleiscope.pipeline import synthetic
 from nucleiscope.pipeline.synthetic import SyntheticTruth
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """Tiny networks run far faster single-threaded (and do not fight other processes)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,7 @@ from nucleiscope.pipeline.normalize import (
 from nucleiscope.pipeline.segmenters import Segmenter, SlideStats
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _he_image(seed: int, shape: tuple[int, int] = (48, 64)) -> NDArray[np.uint8]:

@@ -167,3 +167,23 @@ def test_failure_names_stage_and_commits_nothing(bad_inputs: dict[str, Path], tm
     assert isinstance(info.value.cause, SlideFormatError)
     assert info.value.stage in {"open", "tissue", "read"}
     assert not list(tmp_path.glob("nuclei/slide_id=*"))
+
+
+def test_attention_segmenter_through_extract(synthetic_slide: SyntheticTruth, tmp_path: Path) -> None:
+    """The attention path end to end with a tiny untrained F: plumbing, model id, overlap."""
+    import torch
+
+    from nucleiscope.pipeline.attention import file_sha256
+    from nucleiscope.pipeline.model import AttentionNet, save_weights
+
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(AttentionNet(width=4, dilations=(1, 2)).eval(), weights)
+    cfg = ExtractConfig(segmenter="attention", model_path=str(weights), tile_px=512, tta=False)
+    record = extract_slide(synthetic_slide.path, str(tmp_path / "out"), cfg, make_segmenter(
+        "attention", str(weights), tta=False))
+    assert record["segmenter"] == "attention"
+    assert record["model_id"] == file_sha256(weights)[:16]
+    assert record["seg_mpp"] == 0.25
+    # context = receptive field / 2 at 0.25 µm/px + 12 µm: the overlap is twice that, in px
+    assert record["overlap_px"] >= 2 * 12 / 0.25

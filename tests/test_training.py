@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +33,7 @@ TINY = dict(batch_size=6, crop_px=32, pad_min_px=0, f_width=8, f_dilations=(1, 2
             g_blocks=(1, 1, 1, 1), stain_norm=False)  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny networks run far faster single-threaded (and do not fight other processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def disc_image(seed: int, size: int = 256, mpp: float = 0.25, radius_um: float = 3.0) -> NDArray[np.uint8]:
