@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--seg-mpp", type=float, default=None, help="µm/px to segment at (default: the segmenter's)")
     ext.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (e.g. S3 endpoint)")
     ext.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ext.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray started here (default: all)")
+    ext.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start one)")
+    ext.add_argument("--local", action="store_true", help="run in this process, without Ray")
     _add_segmenter_args(ext)
 
     ev = sub.add_parser("evaluate", help="AJI, Dice, PQ and F1 of label images against ground truth")
@@ -99,8 +102,6 @@ def _segmenter_name(args: argparse.Namespace) -> str:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from .run_local import run_cohort
-
     try:
         options = json.loads(args.storage_options) if args.storage_options else {}
     except json.JSONDecodeError as exc:
@@ -110,8 +111,34 @@ def _extract(args: argparse.Namespace) -> int:
         overlap_px=args.overlap_px, mpp_override=args.mpp, seg_mpp=args.seg_mpp,
         tta=not args.no_tta, storage_options=options,
     )
-    result = run_cohort(args.slides, args.out, config, show_progress=not args.no_progress)
-    print(f"{result.done} slides done, {result.failed} failed; results in {result.out}")
+    return run_extract(args.slides, args.out, config, local=args.local, num_cpus=args.num_cpus,
+                       address=args.address, show_progress=not args.no_progress)  # fmt: skip
+
+
+def run_extract(
+    slides: Sequence[str], out: str, config: ExtractConfig, *, local: bool = False,
+    num_cpus: int | None = None, address: str | None = None, show_progress: bool = True,
+) -> int:
+    """Expand the inputs, run the cohort (on Ray unless ``local``), print the outcome."""
+    from ..pipeline.inputs import expand_inputs, redact
+    from ..pipeline.segmenters import make_segmenter
+
+    items = expand_inputs(slides, storage_options=config.storage_options)
+    if not items:
+        raise ConfigError(f"no slides found in {', '.join(redact(s) for s in slides)}")
+    segmenter = make_segmenter(config.segmenter, config.model_path, tta=config.tta)
+    if local:
+        from .run_local import run_cohort_local
+
+        result = run_cohort_local(items, out, config, segmenter, show_progress=show_progress)
+    else:
+        from .cluster import init_ray
+        from .run_ray import run_cohort_ray
+
+        init_ray(num_cpus, address)
+        result = run_cohort_ray(items, out, config, segmenter, show_progress=show_progress)
+    print(f"{result.done} slides done, {result.failed} failed, {result.skipped} already done; "
+          f"results in {redact(result.out)}")  # fmt: skip
     return EXIT_FAILED if result.failed else EXIT_OK
 
 

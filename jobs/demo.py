@@ -70,19 +70,19 @@ def demo_slide() -> Path:
 
 def run_demo(out: str, *, segmenter: str | None = None) -> int:
     """Extract the demo slide into ``out`` and print a one-line summary."""
+    import pandas as pd
+
     from ..pipeline.segmenters import default_segmenter
-    from .run_local import run_cohort
+    from .cli import run_extract
 
     slide = demo_slide()
     name, model = default_segmenter() if segmenter is None else (segmenter, None)
     if name == "attention" and model is None:
         model = default_segmenter()[1]
     config = ExtractConfig(segmenter=name, model_path=model)
-    result = run_cohort([str(slide)], out, config)
-    import pandas as pd
-
+    code = run_extract([str(slide)], out, config)
     slides = pd.read_parquet(os.path.join(out, "slides.parquet"))
-    if result.failed or slides.empty:
+    if code != 0 or slides.empty:
         print(f"demo failed; see {os.path.join(out, 'failures.parquet')}")
         return 1
     row = slides.iloc[0]

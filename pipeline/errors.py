@@ -24,6 +24,10 @@ class SlideError(NucleiscopeError):
         self.uri = uri
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[SlideError], tuple[str, str]]:
+        # rebuilt from (uri, reason), so the error survives pickling between processes
+        return (type(self), (self.uri, self.reason))
+
 
 class SlideNotFoundError(SlideError):
     """The slide file or object does not exist or cannot be reached."""

@@ -1,8 +1,10 @@
-"""One slide, end to end, in one process: open, tissue, tiles, segment, measure, write.
+"""One slide, end to end: open, tissue, tiles, segment, measure, write.
 
-This is the spine the Ray job distributes: every function here is pure Python over
-paths, arrays and tables. A slide's results are committed atomically at the end; a
-failure anywhere raises, and the caller records it as a failures row.
+The stages are separate functions over plain data so that the Ray job can run them
+in different processes (``prepare_slide`` and ``read_tiles`` in tasks, ``predict`` in
+an actor, ``measure_tiles`` in tasks, ``SlideSink`` where rows are written) and get
+exactly the rows ``extract_slide`` gets in one process. A slide's results are
+committed atomically at the end; a failure anywhere commits nothing of that slide.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +58,11 @@ class StageTimer:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
+    def add(self, seconds: Mapping[str, float]) -> None:
+        """Add stage seconds measured elsewhere (another process)."""
+        for name, value in seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + value
+
 
 class SlideFailure(Exception):
     """Wraps the error that stopped a slide, with the stage it stopped in."""
@@ -65,11 +72,34 @@ class SlideFailure(Exception):
         self.stage = stage
         self.cause = cause
 
+    def __reduce__(self) -> tuple[type[SlideFailure], tuple[str, BaseException]]:
+        return (SlideFailure, (self.stage, self.cause))
+
+
+@dataclass(frozen=True)
+class PreparedSlide:
+    """Everything tiles need from their slide, computed once (picklable)."""
+
+    uri: str
+    slide_id: str
+    info: SlideInfo
+    stats: SlideStats
+    plan: TilePlan
+    seg_mpp: float
+    tissue_area_mm2: float
+    qc_thumbnail: NDArray[np.uint8]
+    seconds: dict[str, float]
+
 
 def config_hash(config: ExtractConfig, model_id: str) -> str:
     """Identifier of everything that decides a slide's rows (config and model)."""
     payload = json.dumps({"config": config.public_dict(), "model_id": model_id}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def qc_mpp(info: SlideInfo, max_px: int) -> float:
+    """µm/px of the QC picture: the slide at most ``max_px`` on its longer edge."""
+    return info.mpp * max(1.0, max(info.width_px, info.height_px) / max_px)
 
 
 def fit_view(slide: Slide, mask: NDArray[np.bool_], mask_mpp: float, seg_mpp: float) -> NDArray[np.uint8]:
@@ -98,22 +128,50 @@ def fit_view(slide: Slide, mask: NDArray[np.bool_], mask_mpp: float, seg_mpp: fl
     return mosaic
 
 
-def segment_tile(
-    slide: Slide, tile: Tile, plan: TilePlan, segmenter: Segmenter, stats: SlideStats,
-    seg_mpp: float, slide_id: str, timer: StageTimer,
+def prepare_slide(
+    uri: str, slide_id: str, config: ExtractConfig, segmenter: Segmenter, *,
+    mpp_override: float | None = None, storage_options: Mapping[str, Any] | None = None,
+    timer: StageTimer | None = None,
+) -> PreparedSlide:
+    """Open a slide, find its tissue, fit the segmenter and plan its tiles."""
+    timer = timer or StageTimer()
+    opts = storage_options if storage_options is not None else config.storage_options
+    seg_mpp = config.seg_mpp or segmenter.mpp
+    with timer("open"):
+        slide = Slide.open(uri, storage_options=opts, mpp_override=mpp_override or config.mpp_override)
+    with slide:
+        info = slide.info
+        with timer("tissue"):
+            mask = tissue_mask(slide.thumbnail(config.tissue_mpp), config.tissue_mpp)
+            area_mm2 = tissue_area_mm2(mask, config.tissue_mpp)
+            stats = segmenter.fit(fit_view(slide, mask, config.tissue_mpp, seg_mpp), seg_mpp)
+            tiles_cfg = config.tiles(math.ceil(segmenter.context_um / seg_mpp))
+            plan = plan_tiles(
+                info.width_px, info.height_px, seg_mpp / info.mpp, tiles_cfg, mask, config.tissue_mpp / info.mpp
+            )
+            qc = slide.thumbnail(qc_mpp(info, config.qc_max_px))
+    log.info("%s: %d of %d tiles on tissue at %.3f µm/px", slide_id, len(plan.tiles), plan.total_tiles, seg_mpp)
+    return PreparedSlide(uri, slide_id, info, stats, plan, seg_mpp, area_mm2, qc, dict(timer.seconds))
+
+
+def read_tiles(slide: Slide, prepared: PreparedSlide, tiles: Sequence[Tile]) -> list[NDArray[np.uint8]]:
+    """The RGB windows of ``tiles`` at the working resolution."""
+    s = prepared.plan.scale
+    return [slide.read_region(t.x_px * s, t.y_px * s, t.size_px, t.size_px, prepared.seg_mpp) for t in tiles]
+
+
+def measure_tile(
+    evidence: NDArray[Any], rgb: NDArray[np.uint8], tile: Tile, prepared: PreparedSlide,
+    segmenter: Segmenter, timer: StageTimer,
 ) -> pa.Table:
-    """Read one tile window, segment it, keep the nuclei its core owns, measure them."""
-    scale = plan.scale
-    with timer("read"):
-        rgb = slide.read_region(tile.x_px * scale, tile.y_px * scale, tile.size_px, tile.size_px, seg_mpp)
-    with timer("segment"):
-        evidence = segmenter.predict(rgb, seg_mpp, stats)
+    """Post-process one tile's evidence, keep the nuclei its core owns, measure them."""
     with timer("postprocess"):
-        labels = keep_owned(segmenter.postprocess(evidence, seg_mpp, stats), tile)
+        labels = keep_owned(segmenter.postprocess(evidence, prepared.seg_mpp, prepared.stats), tile)
     with timer("measure"):
+        s = prepared.plan.scale
         table = measure_nuclei(
-            labels, rgb, mpp=slide.info.mpp, origin_px=(tile.x_px * scale, tile.y_px * scale),
-            scale=scale, slide_id=slide_id,
+            labels, rgb, mpp=prepared.info.mpp, origin_px=(tile.x_px * s, tile.y_px * s),
+            scale=s, slide_id=prepared.slide_id,
         )
     return order_rows(table)
 
@@ -125,104 +183,94 @@ def order_rows(table: pa.Table) -> pa.Table:
     return table.sort_by([("centroid_y_px", "ascending"), ("centroid_x_px", "ascending")])
 
 
-def number_rows(table: pa.Table, first_id: int) -> pa.Table:
-    """Replace ``nucleus_id`` by a slide-wide running number starting at ``first_id``."""
-    ids = pa.array(np.arange(first_id, first_id + table.num_rows, dtype=np.int64))
-    return table.set_column(table.schema.get_field_index("nucleus_id"), "nucleus_id", ids)
+class SlideSink:
+    """Where a slide's rows go, in tile order: GeoParquet file, QC picture, summary.
+
+    ``write`` numbers rows slide-wide; ``commit`` makes the slide's file visible
+    atomically and returns its summary record; ``abort`` leaves nothing behind.
+    """
+
+    def __init__(self, out: str, prepared: PreparedSlide, storage_options: Mapping[str, Any] | None) -> None:
+        self.out, self.prepared, self.options = out, prepared, storage_options
+        self.writer = NucleiWriter(out, prepared.slide_id, storage_options=storage_options)
+        self.qc = QcCanvas(prepared.qc_thumbnail, (prepared.info.width_px, prepared.info.height_px))
+        self.summary = SlideSummary()
+        self.count = 0
+
+    def write(self, table: pa.Table) -> None:
+        ids = pa.array(np.arange(self.count, self.count + table.num_rows, dtype=np.int64))
+        table = table.set_column(table.schema.get_field_index("nucleus_id"), "nucleus_id", ids)
+        self.count += table.num_rows
+        self.writer.write(table)
+        self.qc.add(table)
+        self.summary.add(table)
+
+    def commit(self, config: ExtractConfig, segmenter_name: str, model_id: str, timer: StageTimer,
+               wall_seconds: float) -> dict[str, Any]:
+        with timer("write"):
+            self.writer.commit()
+            self.qc.save(self.out, self.prepared.slide_id, storage_options=self.options)
+        record = slide_record(self.prepared, config, segmenter_name, model_id, timer, wall_seconds, self.summary)
+        write_slide_record(self.out, record, storage_options=self.options)
+        return record
+
+    def abort(self) -> None:
+        self.writer.abort()
 
 
 def extract_slide(
-    uri: str,
-    out: str,
-    config: ExtractConfig,
-    segmenter: Segmenter,
-    *,
-    slide_id: str | None = None,
-    mpp_override: float | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    progress: ProgressFn | None = None,
+    uri: str, out: str, config: ExtractConfig, segmenter: Segmenter, *,
+    slide_id: str | None = None, mpp_override: float | None = None,
+    storage_options: Mapping[str, Any] | None = None, progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Extract every nucleus of one slide into ``out``; returns the slide's summary record.
+    """Extract every nucleus of one slide into ``out`` in this process; returns its record.
 
     Raises ``SlideFailure`` (with the stage and the original error) when the slide
     cannot be processed; nothing of that slide is committed then.
     """
     slide_id = slide_id or slide_id_from_uri(uri)
+    opts = storage_options if storage_options is not None else config.storage_options
     timer = StageTimer()
     start = time.perf_counter()
     try:
-        return _extract(uri, out, config, segmenter, slide_id, mpp_override, storage_options, progress, timer, start)
+        prepared = prepare_slide(uri, slide_id, config, segmenter, mpp_override=mpp_override,
+                                 storage_options=opts, timer=timer)  # fmt: skip
+        sink = SlideSink(out, prepared, opts)
+        try:
+            with Slide.open(uri, storage_options=opts, mpp_override=prepared.info.mpp) as slide:
+                for done, tile in enumerate(prepared.plan.tiles, start=1):
+                    with timer("read"):
+                        rgb = read_tiles(slide, prepared, [tile])[0]
+                    with timer("segment"):
+                        evidence = segmenter.predict(rgb, prepared.seg_mpp, prepared.stats)
+                    table = measure_tile(evidence, rgb, tile, prepared, segmenter, timer)
+                    with timer("write"):
+                        sink.write(table)
+                    if progress is not None:
+                        progress(done, len(prepared.plan.tiles))
+            return sink.commit(config, segmenter.name, segmenter.model_id, timer, time.perf_counter() - start)
+        except BaseException:
+            sink.abort()
+            raise
     except Exception as exc:  # every failure becomes a failures row upstream
         raise SlideFailure(timer.stage, exc) from exc
 
 
-def _extract(
-    uri: str, out: str, config: ExtractConfig, segmenter: Segmenter, slide_id: str,
-    mpp_override: float | None, storage_options: Mapping[str, Any] | None,
-    progress: ProgressFn | None, timer: StageTimer, start: float,
+def slide_record(
+    prepared: PreparedSlide, config: ExtractConfig, segmenter_name: str, model_id: str,
+    timer: StageTimer, wall_seconds: float, summary: SlideSummary,
 ) -> dict[str, Any]:
-    opts = storage_options if storage_options is not None else config.storage_options
-    seg_mpp = config.seg_mpp or segmenter.mpp
-    with timer("open"):
-        slide = Slide.open(uri, storage_options=opts, mpp_override=mpp_override or config.mpp_override)
-    with slide:
-        info = slide.info
-        with timer("tissue"):
-            thumb = slide.thumbnail(config.tissue_mpp)
-            mask = tissue_mask(thumb, config.tissue_mpp)
-            area_mm2 = tissue_area_mm2(mask, config.tissue_mpp)
-            stats = segmenter.fit(fit_view(slide, mask, config.tissue_mpp, seg_mpp), seg_mpp)
-            tiles_cfg = config.tiles(math.ceil(segmenter.context_um / seg_mpp))
-            plan = plan_tiles(
-                info.width_px, info.height_px, seg_mpp / info.mpp, tiles_cfg, mask, config.tissue_mpp / info.mpp
-            )
-        log.info("%s: %d of %d tiles on tissue at %.3f µm/px", slide_id, len(plan.tiles), plan.total_tiles, seg_mpp)
-        with timer("tissue"):
-            qc = QcCanvas(slide.thumbnail(qc_mpp(info, config.qc_max_px)), (info.width_px, info.height_px))
-        writer = NucleiWriter(out, slide_id, storage_options=opts)
-        summary = SlideSummary()
-        try:
-            count = 0
-            for done, tile in enumerate(plan.tiles, start=1):
-                table = number_rows(segment_tile(slide, tile, plan, segmenter, stats, seg_mpp, slide_id, timer), count)
-                count += table.num_rows
-                with timer("write"):
-                    writer.write(table)
-                    qc.add(table)
-                    summary.add(table)
-                if progress is not None:
-                    progress(done, len(plan.tiles))
-            with timer("write"):
-                writer.commit()
-                qc.save(out, slide_id, storage_options=opts)
-        except BaseException:
-            writer.abort()
-            raise
-    record = _record(uri, slide_id, info, config, segmenter, seg_mpp, plan, area_mm2, timer, start, summary)
-    write_slide_record(out, record, storage_options=opts)
-    return record
-
-
-def qc_mpp(info: SlideInfo, max_px: int) -> float:
-    """µm/px of the QC picture: the slide at most ``max_px`` on its longer edge."""
-    return info.mpp * max(1.0, max(info.width_px, info.height_px) / max_px)
-
-
-def _record(
-    uri: str, slide_id: str, info: SlideInfo, config: ExtractConfig, segmenter: Segmenter,
-    seg_mpp: float, plan: TilePlan, area_mm2: float, timer: StageTimer, start: float,
-    summary: SlideSummary,
-) -> dict[str, Any]:
-    total = time.perf_counter() - start
+    """The slide's row of slides.parquet."""
+    info, plan = prepared.info, prepared.plan
     seconds = {f"seconds_{k}": round(v, 4) for k, v in timer.seconds.items()}
     compute = sum(timer.seconds.get(k, 0.0) for k in ("read", "segment", "postprocess", "measure"))
     return summary.finish(
-        slide_id=slide_id, uri=uri, width_px=info.width_px, height_px=info.height_px,
-        mpp=info.mpp, mpp_source=info.mpp_source, seg_mpp=seg_mpp, segmenter=segmenter.name,
-        model_id=segmenter.model_id, config_hash=config_hash(config, segmenter.model_id),
-        tissue_area_mm2=area_mm2, tiles=len(plan.tiles), tile_px=plan.tile_px, overlap_px=plan.overlap_px,
-        megapixels=len(plan.tiles) * plan.tile_px**2 / 1e6,
+        slide_id=prepared.slide_id, uri=prepared.uri, width_px=info.width_px, height_px=info.height_px,
+        mpp=info.mpp, mpp_source=info.mpp_source, seg_mpp=prepared.seg_mpp, segmenter=segmenter_name,
+        model_id=model_id, config_hash=config_hash(config, model_id),
+        tissue_area_mm2=prepared.tissue_area_mm2, tiles=len(plan.tiles), tile_px=plan.tile_px,
+        overlap_px=plan.overlap_px, megapixels=len(plan.tiles) * plan.tile_px**2 / 1e6,
         tiles_per_s=len(plan.tiles) / compute if compute > 0 else 0.0,
-        seconds_total=round(total, 4), finished_at=datetime.now(timezone.utc).isoformat(),
+        seconds_total=round(wall_seconds, 4), finished_at=datetime.now(timezone.utc).isoformat(),
         **seconds,
     )

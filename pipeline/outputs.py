@@ -371,3 +371,14 @@ def write_run_json(
     """Write ``out/run.json`` (indented JSON; non-finite floats become null)."""
     fs, root = resolve(out, storage_options)
     put_atomic(fs, f"{root}/run.json", _dumps(payload, indent=2) + b"\n")
+
+
+def read_run_json(out: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """``out/run.json`` of an earlier run, or None when there is none."""
+    fs, root = resolve(out, storage_options)
+    path = f"{root}/run.json"
+    with io_errors(f"read {path}"):
+        if not fs.exists(path):
+            return None
+        data: dict[str, Any] = json.loads(fs.cat_file(path))
+    return data

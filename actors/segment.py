@@ -1,0 +1,141 @@
+"""Ray wrappers around the pure core: tasks for IO and CPU work, actors for models.
+
+The segmentation actor loads its model once; tasks carry plain data (prepared
+slide, tile lists, arrays). Every stage returns the seconds it spent, so the slide
+record has per-stage timings even though stages run in different processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from numpy.typing import NDArray
+
+from ..pipeline.config import ExtractConfig
+from ..pipeline.extract import (
+    PreparedSlide,
+    SlideFailure,
+    SlideSink,
+    StageTimer,
+    measure_tile,
+    prepare_slide,
+    read_tiles,
+)
+from ..pipeline.segmenters import Segmenter, SlideStats, make_segmenter
+from ..pipeline.slide import Slide
+
+Timings = dict[str, float]
+
+
+@functools.lru_cache(maxsize=4)
+def cached_segmenter(name: str, model_path: str | None, tta: bool, device: str | None = None) -> Segmenter:
+    """One segmenter per worker process and configuration (for fit and post-processing)."""
+    return make_segmenter(name, model_path, tta=tta, device=device)
+
+
+def _segmenter(config: ExtractConfig) -> Segmenter:
+    return cached_segmenter(config.segmenter, config.model_path, config.tta, "cpu")
+
+
+@ray.remote(max_retries=3)
+def prepare_task(uri: str, slide_id: str, mpp: float | None, config: ExtractConfig) -> PreparedSlide:
+    """Open, tissue, fit and plan one slide (raises SlideFailure)."""
+    timer = StageTimer()
+    try:
+        return prepare_slide(uri, slide_id, config, _segmenter(config), mpp_override=mpp, timer=timer)
+    except Exception as exc:
+        raise SlideFailure(timer.stage, exc) from exc
+
+
+@ray.remote(max_retries=3)
+def read_task(prepared: PreparedSlide, start: int, stop: int, config: ExtractConfig) -> tuple[list[NDArray[np.uint8]], Timings]:
+    """Read tiles ``start:stop`` of a slide's plan."""
+    begin = time.perf_counter()
+    try:
+        with Slide.open(prepared.uri, storage_options=config.storage_options, mpp_override=prepared.info.mpp) as slide:
+            tiles = read_tiles(slide, prepared, prepared.plan.tiles[start:stop])
+    except Exception as exc:
+        raise SlideFailure("read", exc) from exc
+    return tiles, {"read": time.perf_counter() - begin}
+
+
+@ray.remote(max_retries=3)
+def measure_task(
+    prepared: PreparedSlide, start: int, stop: int, config: ExtractConfig,
+    read: tuple[list[NDArray[np.uint8]], Timings], predicted: tuple[list[NDArray[Any]], Timings],
+) -> tuple[list[pa.Table], Timings]:
+    """Post-process and measure tiles ``start:stop`` (owned nuclei only)."""
+    timer = StageTimer()
+    timer.add(read[1])
+    timer.add(predicted[1])
+    segmenter = _segmenter(config)
+    try:
+        tables = [
+            measure_tile(evidence, rgb, tile, prepared, segmenter, timer)
+            for evidence, rgb, tile in zip(predicted[0], read[0], prepared.plan.tiles[start:stop])
+        ]
+    except Exception as exc:
+        raise SlideFailure(timer.stage, exc) from exc
+    return tables, timer.seconds
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class SegmentActor:
+    """Holds one segmenter (model loaded once) and runs its per-pixel pass on tiles."""
+
+    def __init__(self, name: str, model_path: str | None, tta: bool) -> None:
+        self.segmenter = make_segmenter(name, model_path, tta=tta)
+
+    def predict(
+        self, read: tuple[list[NDArray[np.uint8]], Timings], mpp: float, stats: SlideStats
+    ) -> tuple[list[NDArray[Any]], Timings]:
+        begin = time.perf_counter()
+        batch = getattr(self.segmenter, "predict_batch", None)
+        tiles = read[0]
+        evidence = batch(tiles, mpp, stats) if batch else [self.segmenter.predict(t, mpp, stats) for t in tiles]
+        return evidence, {"segment": time.perf_counter() - begin}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class SlideWriterActor:
+    """Receives a slide's tables batch by batch, writes them in plan order, commits."""
+
+    def __init__(self, out: str, prepared: PreparedSlide, config: ExtractConfig) -> None:
+        self.sink = SlideSink(out, prepared, config.storage_options)
+        self.config = config
+        self.timer = StageTimer()
+        self.timer.add(prepared.seconds)
+        self.waiting: dict[int, list[pa.Table]] = {}
+        self.next_batch = 0
+
+    def write(self, batch: int, measured: tuple[list[pa.Table], Timings]) -> int:
+        """Queue batch ``batch``; write every batch now in order. Returns rows written so far."""
+        self.timer.add(measured[1])
+        self.waiting[batch] = measured[0]
+        while self.next_batch in self.waiting:
+            with self.timer("write"):
+                for table in self.waiting.pop(self.next_batch):
+                    self.sink.write(table)
+            self.next_batch += 1
+        return self.sink.count
+
+    def commit(self, segmenter_name: str, model_id: str, wall_seconds: float) -> dict[str, Any]:
+        return self.sink.commit(self.config, segmenter_name, model_id, self.timer, wall_seconds)
+
+    def abort(self) -> None:
+        self.sink.abort()
+
+
+def batches(n_tiles: int, per_batch: int) -> Sequence[tuple[int, int]]:
+    """(start, stop) ranges of a plan's tiles, ``per_batch`` at a time."""
+    return [(i, min(i + per_batch, n_tiles)) for i in range(0, n_tiles, per_batch)]

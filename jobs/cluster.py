@@ -1,0 +1,26 @@
+"""Starting or joining a Ray cluster for the CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """Join ``address`` (or $RAY_ADDRESS) when given, else start a local Ray.
+
+    Does nothing when Ray is already initialised in this process (tests share one).
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=False)
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))  # type: ignore[no-untyped-call]
