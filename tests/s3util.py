@@ -1,0 +1,330 @@
+"""Local S3 for tests and benchmarks: a moto server, uploads, and a fault-injecting proxy.
+
+Everything listens on 127.0.0.1 only. Setup (buckets, uploads) goes through a plain
+boto3 client, never through s3fs, so no s3fs instance or listing cache is involved in
+preparing test data; code under test that lists through s3fs after an upload must see
+fresh listings on its own (``expand_inputs`` invalidates the prefix it lists).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import socket
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+REGION = "us-east-1"
+CREDENTIALS = {"key": "testing", "secret": "testing"}
+#: Headers that belong to one connection, not to the message (RFC 9110 section 7.6.1).
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "proxy-connection",
+})
+_FAULTS = (
+    (503, "SlowDown", "Please reduce your request rate."),
+    (500, "InternalError", "We encountered an internal error. Please try again."),
+)
+_CHUNK_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """An S3-compatible endpoint and the settings that reach it."""
+
+    url: str
+    storage_options: dict[str, Any]
+    #: The same settings as AWS environment variables (standard credential chain).
+    env: dict[str, str] = field(default_factory=dict)
+
+    def client(self) -> Any:
+        """A plain boto3 client (no s3fs caches) for setting up test data."""
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.url, region_name=REGION,
+            aws_access_key_id=CREDENTIALS["key"], aws_secret_access_key=CREDENTIALS["secret"],
+        )
+
+
+def storage_options_for(url: str, **extra: Any) -> dict[str, Any]:
+    """fsspec/s3fs options with the dummy credentials and ``url`` as the endpoint."""
+    return {**CREDENTIALS, "client_kwargs": {"endpoint_url": url, "region_name": REGION}, **extra}
+
+
+def aws_env(url: str) -> dict[str, str]:
+    """Environment variables that point botocore's standard chain at ``url`` and nothing else."""
+    return {
+        "AWS_ACCESS_KEY_ID": CREDENTIALS["key"],
+        "AWS_SECRET_ACCESS_KEY": CREDENTIALS["secret"],
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ENDPOINT_URL": url,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+#: Variables removed from the environment while the test endpoint's are set.
+AWS_VARS_TO_CLEAR = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3")
+
+
+@contextmanager
+def moto_s3() -> Iterator[S3Endpoint]:
+    """A moto S3 server on 127.0.0.1 (a free port) for the duration of the block."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        yield S3Endpoint(url, storage_options_for(url), aws_env(url))
+    finally:
+        server.stop()
+
+
+@contextmanager
+def patched_environ(values: Mapping[str, str], clear: Iterable[str] = ()) -> Iterator[None]:
+    """Set (and remove) environment variables, restoring the previous values afterwards."""
+    saved = {name: os.environ.get(name) for name in [*values, *clear]}
+    try:
+        for name in clear:
+            os.environ.pop(name, None)
+        os.environ.update(values)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def new_bucket(endpoint: S3Endpoint, prefix: str = "nucleiscope") -> str:
+    """Create a bucket with a unique name; returns the name."""
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    endpoint.client().create_bucket(Bucket=name)
+    return name
+
+
+def upload(endpoint: S3Endpoint, files: Iterable[str | Path], dest: str) -> list[str]:
+    """Upload local files to ``s3://bucket/prefix/`` (keeping their names); returns their URIs."""
+    parts = urlsplit(dest)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ValueError(f"destination must be s3://bucket/prefix/, got {dest!r}")
+    prefix = parts.path.strip("/")
+    client = endpoint.client()
+    uris = []
+    for path in files:
+        key = "/".join(p for p in (prefix, Path(path).name) if p)
+        client.upload_file(str(path), parts.netloc, key)
+        uris.append(f"s3://{parts.netloc}/{key}")
+    return uris
+
+
+def put_bytes(endpoint: S3Endpoint, uri: str, data: bytes) -> str:
+    """Store ``data`` at ``uri`` (s3://bucket/key); returns ``uri``."""
+    parts = urlsplit(uri)
+    endpoint.client().put_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"), Body=data)
+    return uri
+
+
+class FlakyS3Proxy:
+    """HTTP proxy on 127.0.0.1 in front of an S3 endpoint that fails some requests on purpose.
+
+    Request number n (counting from 0, over all connections) is answered with an S3
+    error instead of being forwarded when the n-th draw of ``random.Random(seed)`` is
+    below ``fault_share``; faults alternate between 503 SlowDown and 500 InternalError.
+    Other requests are forwarded verbatim (method, path, query, all end-to-end headers
+    including Host, Range and the signature; bodies streamed both ways), so signed
+    requests stay valid. ``latency_s`` delays every forwarded request (to mimic a
+    remote store). Counters: ``requests`` (by method), ``faults``, ``ranged_gets``,
+    ``body_bytes`` (response body bytes forwarded for GET). Use as a context manager;
+    ``close`` stops the server and its threads.
+    """
+
+    def __init__(self, upstream_url: str, *, fault_share: float = 0.2, seed: int = 0,
+                 latency_s: float = 0.0) -> None:
+        if not 0.0 <= fault_share < 1.0:
+            raise ValueError(f"fault_share must be in [0, 1), got {fault_share}")
+        target = urlsplit(upstream_url)
+        if target.scheme != "http" or target.hostname is None or target.port is None:
+            raise ValueError(f"upstream must be http://host:port, got {upstream_url!r}")
+        self.upstream = (target.hostname, target.port)
+        self.fault_share = fault_share
+        self.latency_s = latency_s
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self.faults = 0
+        self.faults_by_status: Counter[int] = Counter()
+        self.requests: Counter[str] = Counter()
+        self.ranged_gets = 0
+        self.body_bytes = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="flaky-s3-proxy", daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def storage_options(self, **extra: Any) -> dict[str, Any]:
+        """s3fs options that reach the upstream through this proxy."""
+        return storage_options_for(self.url, **extra)
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.faults = self.ranged_gets = self.body_bytes = 0
+            self.faults_by_status.clear()
+            self.requests.clear()
+
+    def _admit(self, method: str, ranged: bool) -> tuple[int, str, str] | None:
+        """Count a request; the fault to answer with, or None to forward it."""
+        with self._lock:
+            self.requests[method] += 1
+            self.ranged_gets += int(method == "GET" and ranged)
+            fail = self._rng.random() < self.fault_share
+            if not fail:
+                return None
+            fault = _FAULTS[self.faults % len(_FAULTS)]
+            self.faults += 1
+            self.faults_by_status[fault[0]] += 1
+            return fault
+
+    def _add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.body_bytes += n
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> FlakyS3Proxy:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _make_handler(proxy: FlakyS3Proxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(_ProxyHandler):
+        owner = proxy
+
+    return Handler
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    """One client connection; keeps one upstream connection for its requests."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
+    owner: FlakyS3Proxy
+    _upstream: http.client.HTTPConnection | None = None
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        """Silent: the counters say what happened."""
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline().strip():  # trailers
+                        pass
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _handle(self) -> None:
+        body = self._read_body()
+        fault = self.owner._admit(self.command, "Range" in self.headers)
+        if fault is not None:
+            self._send_fault(*fault)
+            return
+        if self.owner.latency_s:
+            threading.Event().wait(self.owner.latency_s)
+        try:
+            response = self._forward(body)
+        except (OSError, http.client.HTTPException):
+            self._close_upstream()
+            response = self._forward(body)  # a stale keep-alive connection: one fresh try
+        self._relay(response)
+
+    def _forward(self, body: bytes) -> http.client.HTTPResponse:
+        if self._upstream is None:
+            self._upstream = http.client.HTTPConnection(*self.owner.upstream, timeout=60)
+            self._upstream.connect()
+            self._upstream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = self._upstream
+        conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+        for name, value in self.headers.items():
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                conn.putheader(name, value)
+        if body or self.command in ("PUT", "POST"):
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body or None)
+        return conn.getresponse()
+
+    def _relay(self, response: http.client.HTTPResponse) -> None:
+        self.send_response_only(response.status, response.reason)
+        length = response.getheader("Content-Length")
+        chunked = length is None and self.command != "HEAD" and response.status not in (204, 304)
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if self.command == "HEAD":
+            response.read()
+            return
+        sent = 0
+        while chunk := response.read(_CHUNK_BYTES):
+            sent += len(chunk)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        if self.command == "GET":
+            self.owner._add_bytes(sent)
+
+    def _send_fault(self, status: int, code: str, message: str) -> None:
+        payload = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{code}</Code><Message>{message}</Message>"
+            f"<RequestId>{uuid.uuid4().hex[:16]}</RequestId></Error>"
+        ).encode()
+        self.send_response_only(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def _close_upstream(self) -> None:
+        if self._upstream is not None:
+            self._upstream.close()
+            self._upstream = None
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self._close_upstream()
