@@ -8,6 +8,10 @@
 2) A cohort of ``--cohort`` small slides runs once on 2 CPUs while the driver's RSS
    and the object store's usage are sampled after every slide: prints the first,
    median and last samples, which stay flat when in-flight work is bounded.
+3) With ``--gpu-model WEIGHTS`` on a machine with CUDA: the cohort runs with the
+   attention segmenter (one actor per GPU) while nvidia-smi samples GPU utilisation;
+   prints the actors' megapixels/s beside F's raw forward speed on that GPU
+   (benchmarks/gpu_forward.py's measurement) and their ratio.
 """
 
 from __future__ import annotations
@@ -45,6 +49,57 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def gpu_utilisation(stop: list[bool], samples: list[float]) -> None:
+    """Sample nvidia-smi's GPU utilisation (%) every 0.5 s until ``stop[0]``."""
+    query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+    while not stop[0]:
+        out = subprocess.run(query, capture_output=True, text=True, check=False).stdout.split()
+        if out:
+            samples.append(float(out[0]))
+        time.sleep(0.5)
+
+
+def gpu_report(slides: list[str], model: str) -> None:
+    """Attention cohort on the GPU(s): actor megapixels/s against F's raw forward speed."""
+    import threading
+
+    import pandas as pd
+    import ray
+    import torch
+
+    from nucleiscope.jobs.run_ray import RayOptions, run_cohort_ray
+    from nucleiscope.pipeline.config import ExtractConfig
+    from nucleiscope.pipeline.inputs import SlideInput
+    from nucleiscope.pipeline.model import AttentionNet
+    from nucleiscope.pipeline.segmenters import make_segmenter
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_forward import time_forward
+
+    device = torch.device("cuda")
+    raw = time_forward(AttentionNet().to(device).eval().to(memory_format=torch.channels_last), 8, 1024, device, 5)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    config = ExtractConfig(segmenter="attention", model_path=model, tta=False)
+    stop, util = [False], []
+    sampler = threading.Thread(target=gpu_utilisation, args=(stop, util), daemon=True)
+    sampler.start()
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        run_cohort_ray([SlideInput(p, Path(p).stem, None) for p in slides], out, config,
+                       make_segmenter("attention", model, tta=False, device="cpu"),
+                       options=RayOptions(tiles_per_batch=8, max_batches=12), show_progress=False)  # fmt: skip
+        wall = time.perf_counter() - start
+        table = pd.read_parquet(Path(out) / "slides.parquet")
+    stop[0] = True
+    gpus = int(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
+    actor_mp_s = table.megapixels.sum() / table.seconds_segment.sum() * gpus
+    print(f"{torch.cuda.get_device_name(device)} x{gpus}: F raw forward {raw:.1f} MP/s (bf16, 8 x 1024²)")
+    print(f"  actor pool: {table.tiles.sum() / wall:.1f} tiles/s, {actor_mp_s:.1f} MP/s in predict "
+          f"({100 * actor_mp_s / (raw * gpus):.0f} % of raw), wall {wall:.1f} s")  # fmt: skip
+    if util:
+        print(f"  GPU utilisation: median {statistics.median(util):.0f} %, mean {statistics.fmean(util):.0f} %")
 
 
 def child(slides: list[str], cpus: int, sample: bool) -> None:
@@ -97,6 +152,7 @@ def main() -> int:
     parser.add_argument("--edge-px", type=int, default=4000)
     parser.add_argument("--cohort", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu-model", default=None, help="attention weights: also measure the GPU actor pool")
     args = parser.parse_args()
     if args.child is not None:
         child(args.paths, args.child, args.sample)
@@ -126,6 +182,8 @@ def main() -> int:
             print(f"  driver RSS MB: {rss[0]:.0f} / {statistics.median(rss):.0f} / {rss[-1]:.0f}"
                   f" (peak {res['driver_peak_rss_mb']:.0f})")  # fmt: skip
             print(f"  object store MiB: {store[0]:.0f} / {statistics.median(store):.0f} / {store[-1]:.0f}")
+        if args.gpu_model:
+            gpu_report(slides, args.gpu_model)
     return 0
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from ..pipeline.config import ExtractConfig
 from ..pipeline.errors import ConfigError, NucleiscopeError
@@ -120,9 +121,10 @@ def run_extract(
     num_cpus: int | None = None, address: str | None = None, show_progress: bool = True,
 ) -> int:
     """Expand the inputs, run the cohort (on Ray unless ``local``), print the outcome."""
-    from ..pipeline.inputs import expand_inputs, redact
+    from ..pipeline.inputs import expand_inputs, redact, with_s3_retries
     from ..pipeline.segmenters import make_segmenter
 
+    config = replace(config, storage_options=with_s3_retries(config.storage_options, [*slides, out]))
     items = expand_inputs(slides, storage_options=config.storage_options)
     if not items:
         raise ConfigError(f"no slides found in {', '.join(redact(s) for s in slides)}")

@@ -285,6 +285,7 @@ def clear_failure_record(
 
 def _read_records(fs: Any, directory: str) -> list[dict[str, Any]]:
     with io_errors(f"cannot list {directory}"):
+        fs.invalidate_cache(directory)  # other processes (writer actors) add records
         paths = sorted(p for p in fs.glob(f"{directory}/*.json") if not p.rsplit("/", 1)[1].startswith("."))
         blobs = [fs.cat_file(p) for p in paths]
     records = []

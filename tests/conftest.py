@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from PIL import Image
 
 from nucleiscope.pipeline import synthetic
 from nucleiscope.pipeline.synthetic import SyntheticTruth
+
+from .s3util import AWS_VARS_TO_CLEAR, FlakyS3Proxy, S3Endpoint, moto_s3, new_bucket, patched_environ
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
@@ -86,3 +89,50 @@ def big_single_level_slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Sy
     finally:
         tracemalloc.stop()
     return truth, peak
+
+
+# --- S3 (a moto server on 127.0.0.1) ------------------------------------------------------
+#
+# s3fs caches filesystem instances (by their options) and, in them, listings. Test data
+# is set up with plain boto3 clients (``S3Endpoint.client``), never through s3fs, and
+# every test gets its own bucket, so no listing cached by an earlier test can matter.
+# Where code under test lists, uploads happen and it lists again (``expand_inputs``
+# globs), ``test_s3`` checks that the second listing is fresh. Instances are not made
+# with ``skip_instance_cache``: uncached instances get garbage-collected mid-session and
+# s3fs's session finaliser then logs event-loop errors.
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Endpoint]:
+    """A moto S3 server for the session: ``.url``, ``.storage_options`` (explicit endpoint and
+    dummy credentials), ``.env``; the AWS_* variables of ``.env`` are also set in os.environ
+    for the session (the standard chain, for code and subprocesses given no options) and
+    restored afterwards."""
+    werkzeug = logging.getLogger("werkzeug")
+    level = werkzeug.level
+    werkzeug.setLevel(logging.WARNING)  # one line per request otherwise
+    try:
+        with moto_s3() as endpoint, patched_environ(endpoint.env, clear=AWS_VARS_TO_CLEAR):
+            yield endpoint
+    finally:
+        werkzeug.setLevel(level)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Endpoint) -> Callable[[], str]:
+    """Factory of fresh, uniquely named buckets on ``s3_server``."""
+    return lambda: new_bucket(s3_server)
+
+
+@pytest.fixture
+def flaky_s3(s3_server: S3Endpoint) -> Iterator[Callable[..., FlakyS3Proxy]]:
+    """Factory of ``FlakyS3Proxy`` instances in front of ``s3_server``, all stopped after the test."""
+    proxies: list[FlakyS3Proxy] = []
+
+    def make(**kwargs: object) -> FlakyS3Proxy:
+        proxies.append(FlakyS3Proxy(s3_server.url, **kwargs))  # type: ignore[arg-type]
+        return proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.close()

@@ -3,20 +3,23 @@
 Everything listens on 127.0.0.1 only. Setup (buckets, uploads) goes through a plain
 boto3 client, never through s3fs, so no s3fs instance or listing cache is involved in
 preparing test data; code under test that lists through s3fs after an upload must see
-fresh listings on its own (``expand_inputs`` invalidates the prefix it lists).
+fresh listings on its own.
 """
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import os
 import random
+import re
 import socket
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import timezone
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,10 +34,11 @@ _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "proxy-connection",
 })
-_FAULTS = (
-    (503, "SlowDown", "Please reduce your request rate."),
-    (500, "InternalError", "We encountered an internal error. Please try again."),
-)
+#: S3 error replies the proxy injects, by HTTP status.
+FAULTS = {
+    503: ("SlowDown", "Please reduce your request rate."),
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+}
 _CHUNK_BYTES = 64 << 10
 
 
@@ -140,30 +144,56 @@ def put_bytes(endpoint: S3Endpoint, uri: str, data: bytes) -> str:
     return uri
 
 
+@dataclass(frozen=True)
+class MirroredObject:
+    """A local, byte-identical copy of an object, with the upstream's ETag and Last-Modified."""
+
+    path: Path
+    etag: str
+    last_modified: str
+
+
+def mirror_of(endpoint: S3Endpoint, uri: str, local_path: str | Path) -> tuple[str, MirroredObject]:
+    """(proxy path, mirror) for serving ``uri``'s reads from ``local_path``; see ``FlakyS3Proxy``."""
+    parts = urlsplit(uri)
+    head = endpoint.client().head_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+    modified = email.utils.format_datetime(head["LastModified"].astimezone(timezone.utc), usegmt=True)
+    return f"/{parts.netloc}{parts.path}", MirroredObject(Path(local_path), head["ETag"], modified)
+
+
 class FlakyS3Proxy:
     """HTTP proxy on 127.0.0.1 in front of an S3 endpoint that fails some requests on purpose.
 
     Request number n (counting from 0, over all connections) is answered with an S3
     error instead of being forwarded when the n-th draw of ``random.Random(seed)`` is
-    below ``fault_share``; faults alternate between 503 SlowDown and 500 InternalError.
+    below ``fault_share``; faults cycle through ``fault_statuses`` (default 503 SlowDown,
+    500 InternalError; see ``FAULTS``).
     Other requests are forwarded verbatim (method, path, query, all end-to-end headers
     including Host, Range and the signature; bodies streamed both ways), so signed
-    requests stay valid. ``latency_s`` delays every forwarded request (to mimic a
-    remote store). Counters: ``requests`` (by method), ``faults``, ``ranged_gets``,
-    ``body_bytes`` (response body bytes forwarded for GET). Use as a context manager;
+    requests stay valid. Counters: ``requests`` (by method), ``faults``, ``ranged_gets``,
+    ``body_bytes`` (response body bytes sent for GET). Use as a context manager;
     ``close`` stops the server and its threads.
+
+    ``mirror`` maps request paths (``/bucket/key``) to local copies whose GET and HEAD
+    the proxy answers itself (Range included), for benchmarks on large objects: moto
+    copies a whole object on every ranged GET (``FakeKey.value``), which costs tenths
+    of a second per request for a few hundred MB. Tests do not use it.
     """
 
     def __init__(self, upstream_url: str, *, fault_share: float = 0.2, seed: int = 0,
-                 latency_s: float = 0.0) -> None:
+                 fault_statuses: Sequence[int] = (503, 500),
+                 mirror: Mapping[str, MirroredObject] | None = None) -> None:
         if not 0.0 <= fault_share < 1.0:
             raise ValueError(f"fault_share must be in [0, 1), got {fault_share}")
+        if not fault_statuses or any(status not in FAULTS for status in fault_statuses):
+            raise ValueError(f"fault_statuses must be some of {sorted(FAULTS)}, got {fault_statuses}")
+        self.fault_statuses = tuple(fault_statuses)
         target = urlsplit(upstream_url)
         if target.scheme != "http" or target.hostname is None or target.port is None:
             raise ValueError(f"upstream must be http://host:port, got {upstream_url!r}")
         self.upstream = (target.hostname, target.port)
         self.fault_share = fault_share
-        self.latency_s = latency_s
+        self.mirror = dict(mirror or {})
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.faults = 0
@@ -173,7 +203,8 @@ class FlakyS3Proxy:
         self.body_bytes = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="flaky-s3-proxy", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="flaky-s3-proxy", daemon=True)
         self._thread.start()
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -195,10 +226,10 @@ class FlakyS3Proxy:
             fail = self._rng.random() < self.fault_share
             if not fail:
                 return None
-            fault = _FAULTS[self.faults % len(_FAULTS)]
+            status = self.fault_statuses[self.faults % len(self.fault_statuses)]
             self.faults += 1
-            self.faults_by_status[fault[0]] += 1
-            return fault
+            self.faults_by_status[status] += 1
+            return (status, *FAULTS[status])
 
     def _add_bytes(self, n: int) -> None:
         with self._lock:
@@ -242,7 +273,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            parts = []
+            parts: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip(), 16)
                 if size == 0:
@@ -259,8 +290,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if fault is not None:
             self._send_fault(*fault)
             return
-        if self.owner.latency_s:
-            threading.Event().wait(self.owner.latency_s)
+        mirrored = self.owner.mirror.get(urlsplit(self.path).path)
+        if mirrored is not None and self.command in ("GET", "HEAD"):
+            self._serve_mirror(mirrored)
+            return
         try:
             response = self._forward(body)
         except (OSError, http.client.HTTPException):
@@ -304,6 +337,30 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         if self.command == "GET":
             self.owner._add_bytes(sent)
+
+    def _serve_mirror(self, obj: MirroredObject) -> None:
+        size = obj.path.stat().st_size
+        start, end = 0, size - 1
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "").strip())
+        if match:
+            start, end = int(match[1]), min(size - 1, int(match[2] or size - 1))
+        self.send_response_only(206 if match else 200)
+        for name, value in (("ETag", obj.etag), ("Last-Modified", obj.last_modified),
+                            ("Accept-Ranges", "bytes"), ("Content-Type", "binary/octet-stream"),
+                            ("Content-Length", str(end - start + 1))):
+            self.send_header(name, value)
+        if match:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        with open(obj.path, "rb") as fh:
+            fh.seek(start)
+            remaining = end - start + 1
+            while remaining > 0 and (chunk := fh.read(min(_CHUNK_BYTES * 16, remaining))):
+                self.wfile.write(chunk)
+                remaining -= len(chunk)
+        self.owner._add_bytes(end - start + 1)
 
     def _send_fault(self, status: int, code: str, message: str) -> None:
         payload = (
