@@ -104,9 +104,8 @@ class RayCohort:
                 rate = self.nuclei / max(time.perf_counter() - started, 1e-9)
                 self.bar.set_postfix(nuclei=self.nuclei, nuclei_per_s=f"{rate:.0f}")
         except BaseException:
-            for state in self.active.values():
-                if state.writer is not None:
-                    state.writer.abort.remote()
+            for state in list(self.active.values()):
+                self._drop_writer(state, abort=True)
             raise
         finally:
             self.bar.close()
@@ -190,15 +189,26 @@ class RayCohort:
 
     def _fail(self, state: SlideState, exc: BaseException) -> None:
         record_failure(self.out, self.config, state.item, _unwrap(exc))
-        if state.writer is not None:
-            state.writer.abort.remote()
+        self._drop_writer(state, abort=True)
         self.failed += 1
         self._finish(state, "failed")
 
+    def _drop_writer(self, state: SlideState, *, abort: bool) -> None:
+        """End a slide's writer actor (removing its temporary file first when aborting)."""
+        if state.writer is None:
+            return
+        if abort:
+            try:
+                ray.get(state.writer.abort.remote())
+            except Exception:  # noqa: BLE001 - the writer may be gone already
+                log.warning("could not abort the writer of %s", state.item.slide_id)
+        ray.kill(state.writer)
+        state.writer = None
+
     def _finish(self, state: SlideState, outcome: str) -> None:
         self.active.pop(state.item.slide_id, None)
-        if state.writer is not None and outcome == "done":
-            ray.kill(state.writer)
+        if outcome == "done":
+            self._drop_writer(state, abort=False)
         self.bar.update(1)
         if self.on_event is not None:
             self.on_event(self, outcome, state.item.slide_id)

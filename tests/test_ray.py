@@ -114,5 +114,6 @@ def test_interrupted_driver_then_rerun(cohort: list[SlideInput], reference: pd.D
     with pytest.raises(KeyboardInterrupt):
         run(cohort, tmp_path, on_event=interrupt)
     done, failed, skipped = run(cohort, tmp_path)
-    assert (done + skipped, failed, skipped) == (2, 0, 1)
+    # the first slide was committed before the interrupt; the second may have been too
+    assert done + skipped == 2 and failed == 0 and skipped >= 1
     pd.testing.assert_frame_equal(read_nuclei(tmp_path), reference)
