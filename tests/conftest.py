@@ -18,6 +18,14 @@ from .s3util import AWS_VARS_TO_CLEAR, FlakyS3Proxy, S3Endpoint, moto_s3, new_bu
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
 
+@pytest.fixture(scope="session")
+def ray_cluster() -> None:
+    """One local Ray with 2 CPUs for the whole test session (started on first use)."""
+    from nucleiscope.jobs.cluster import init_ray
+
+    init_ray(num_cpus=2)
+
+
 @pytest.fixture
 def torch_one_thread() -> Iterator[None]:
     """Tiny networks run far faster single-threaded (and do not fight other processes)."""

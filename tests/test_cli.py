@@ -15,6 +15,7 @@ from nucleiscope.jobs.cli import main
 from nucleiscope.pipeline.synthetic import SyntheticTruth
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_extract_cohort_isolates_bad_slides(
     synthetic_slide: SyntheticTruth, bad_inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -37,6 +38,7 @@ def test_extract_cohort_isolates_bad_slides(
     assert "1 slides done, 5 failed" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_extract_mpp_override_and_usage_errors(bad_inputs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "o"
     assert main(["extract", str(bad_inputs["no_resolution"]), "--out", str(out), "--mpp", "0.5", "--no-progress"]) == 0
@@ -79,6 +81,7 @@ def test_evaluate_reports_perfect_match(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.shared
+@pytest.mark.usefixtures("ray_cluster")
 def test_demo_runs_on_the_cmu_slide(
     slides_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -96,6 +99,7 @@ def test_demo_runs_on_the_cmu_slide(
 
 
 @pytest.mark.shared
+@pytest.mark.usefixtures("ray_cluster")
 def test_real_slides_mixed_with_bad_ones(
     slides_dir: Path, bad_inputs: dict[str, Path], tmp_path: Path
 ) -> None:

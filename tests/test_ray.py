@@ -10,7 +10,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nucleiscope.jobs.cluster import init_ray
 from nucleiscope.jobs.run_local import run_cohort_local
 from nucleiscope.jobs.run_ray import RayCohort, RayOptions, run_cohort_ray
 from nucleiscope.pipeline.config import ExtractConfig
@@ -23,9 +22,7 @@ CONFIG = ExtractConfig(tile_px=512)
 OPTIONS = RayOptions(tiles_per_batch=2, max_slides=2, max_batches=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster() -> None:
-    init_ray(num_cpus=2)
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,17 @@ import pandas as pd
 import pytest
 
 from nucleiscope.jobs.cli import run_extract
-from nucleiscope.jobs.cluster import init_ray
 from nucleiscope.pipeline.config import ExtractConfig
 from nucleiscope.pipeline.synthetic import SyntheticTruth
 
 from .s3util import FlakyS3Proxy, S3Endpoint, moto_s3, new_bucket, put_bytes, upload
 
 
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[S3Endpoint]:
-    init_ray(num_cpus=2)
     with moto_s3() as ep:
         yield ep
 
