@@ -27,9 +27,9 @@ from ..pipeline.extract import (
     measure_tile,
     prepare_slide,
     read_tiles,
+    reopen_slide,
 )
 from ..pipeline.segmenters import Segmenter, SlideStats, make_segmenter
-from ..pipeline.slide import Slide
 
 Timings = dict[str, float]
 
@@ -59,7 +59,7 @@ def read_task(prepared: PreparedSlide, start: int, stop: int, config: ExtractCon
     """Read tiles ``start:stop`` of a slide's plan."""
     begin = time.perf_counter()
     try:
-        with Slide.open(prepared.uri, storage_options=config.storage_options, mpp_override=prepared.info.mpp) as slide:
+        with reopen_slide(prepared, config.storage_options) as slide:
             tiles = read_tiles(slide, prepared, prepared.plan.tiles[start:stop])
     except Exception as exc:
         raise SlideFailure("read", exc) from exc

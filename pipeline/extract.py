@@ -154,6 +154,12 @@ def prepare_slide(
     return PreparedSlide(uri, slide_id, info, stats, plan, seg_mpp, area_mm2, qc, dict(timer.seconds))
 
 
+def reopen_slide(prepared: PreparedSlide, storage_options: Mapping[str, Any] | None) -> Slide:
+    """Open a prepared slide again to read tiles: its µm/px and checks are known already."""
+    return Slide.open(prepared.uri, storage_options=storage_options, mpp_override=prepared.info.mpp,
+                      require_brightfield=False)  # fmt: skip
+
+
 def read_tiles(slide: Slide, prepared: PreparedSlide, tiles: Sequence[Tile]) -> list[NDArray[np.uint8]]:
     """The RGB windows of ``tiles`` at the working resolution."""
     s = prepared.plan.scale
@@ -237,7 +243,7 @@ def extract_slide(
                                  storage_options=opts, timer=timer)  # fmt: skip
         sink = SlideSink(out, prepared, opts)
         try:
-            with Slide.open(uri, storage_options=opts, mpp_override=prepared.info.mpp) as slide:
+            with reopen_slide(prepared, opts) as slide:
                 for done, tile in enumerate(prepared.plan.tiles, start=1):
                     with timer("read"):
                         rgb = read_tiles(slide, prepared, [tile])[0]
