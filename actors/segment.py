@@ -97,9 +97,7 @@ class SegmentActor:
         self, read: tuple[list[NDArray[np.uint8]], Timings], mpp: float, stats: SlideStats
     ) -> tuple[list[NDArray[Any]], Timings]:
         begin = time.perf_counter()
-        batch = getattr(self.segmenter, "predict_batch", None)
-        tiles = read[0]
-        evidence = batch(tiles, mpp, stats) if batch else [self.segmenter.predict(t, mpp, stats) for t in tiles]
+        evidence = self.segmenter.predict_batch(read[0], mpp, stats)
         return evidence, {"segment": time.perf_counter() - begin}
 
     def pid(self) -> int:

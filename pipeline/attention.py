@@ -165,6 +165,12 @@ class AttentionSegmenter:
         """The attention map of one tile (the network part)."""
         return self.attention_map(rgb, mpp, stats)
 
+    def predict_batch(
+        self, tiles: Sequence[NDArray[np.uint8]], mpp: float, stats: SlideStats
+    ) -> list[NDArray[np.float32]]:
+        """Attention maps of several tiles, batched through the network."""
+        return self.attention_maps(tiles, mpp, stats)
+
     def postprocess(self, evidence: NDArray[np.float32], mpp: float, stats: SlideStats) -> NDArray[np.int32]:
         """Attention > threshold, then ``split_instances`` (the paper's post-processing)."""
         return split_instances(evidence > self.threshold, mpp)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -182,6 +183,12 @@ class ClassicalSegmenter:
     def predict(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.bool_]:
         """The cleaned nucleus mask (``foreground``)."""
         return self.foreground(rgb, mpp, stats)
+
+    def predict_batch(
+        self, tiles: Sequence[NDArray[np.uint8]], mpp: float, stats: SlideStats
+    ) -> list[NDArray[np.bool_]]:
+        """``predict`` of each tile (thresholding gains nothing from batching)."""
+        return [self.foreground(t, mpp, stats) for t in tiles]
 
     def segment(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.int32]:
         """Instance labels (H, W) int32, numbered in raster order of their seeds."""

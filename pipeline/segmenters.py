@@ -9,6 +9,7 @@ compute their own thresholds, so seams cannot change the result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -46,6 +47,12 @@ class Segmenter(Protocol):
 
     def predict(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[Any]:
         """Per-pixel nucleus evidence of a tile (a mask or a map): the part a GPU would run."""
+        ...
+
+    def predict_batch(
+        self, tiles: Sequence[NDArray[np.uint8]], mpp: float, stats: SlideStats
+    ) -> list[NDArray[Any]]:
+        """``predict`` of several tiles at once (a GPU model batches them)."""
         ...
 
     def postprocess(self, evidence: NDArray[Any], mpp: float, stats: SlideStats) -> NDArray[np.int32]:

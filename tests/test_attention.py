@@ -97,9 +97,11 @@ def test_segment_batch_matches_single_tiles(tmp_path: Path) -> None:
     batch = seg.segment_batch(tiles, 0.25, stats)
     assert [b.shape for b in batch] == [(48, 64), (40, 40), (48, 64)]
     maps = seg.attention_maps(tiles, 0.25, stats)
-    for tile, labels, amap in zip(tiles, batch, maps):
+    predicted = seg.predict_batch(tiles, 0.25, stats)
+    for tile, labels, amap, evidence in zip(tiles, batch, maps, predicted):
         np.testing.assert_array_equal(labels, seg.segment(tile, 0.25, stats))
         np.testing.assert_allclose(amap, seg.attention_map(tile, 0.25, stats), atol=1e-5)
+        np.testing.assert_allclose(evidence, seg.predict(tile, 0.25, stats), atol=1e-5)
 
 
 def test_tta_of_an_equivariant_network_equals_the_plain_map(tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ class ComponentSegmenter:
     def predict(self, rgb: np.ndarray, mpp: float, stats: SlideStats) -> np.ndarray:
         return np.asarray(rgb.astype(np.int32).sum(axis=2) < 400)
 
+    def predict_batch(self, tiles: list[np.ndarray], mpp: float, stats: SlideStats) -> list[np.ndarray]:
+        return [self.predict(t, mpp, stats) for t in tiles]
+
     def postprocess(self, evidence: np.ndarray, mpp: float, stats: SlideStats) -> np.ndarray:
         return np.asarray(ndimage.label(evidence)[0], dtype=np.int32)
 
