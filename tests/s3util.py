@@ -329,14 +329,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             response.read()
             return
-        sent = 0
         while chunk := response.read(_CHUNK_BYTES):
-            sent += len(chunk)
+            if self.command == "GET":  # counted before the client can see the bytes
+                self.owner._add_bytes(len(chunk))
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
-        if self.command == "GET":
-            self.owner._add_bytes(sent)
 
     def _serve_mirror(self, obj: MirroredObject) -> None:
         size = obj.path.stat().st_size
@@ -354,13 +352,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        self.owner._add_bytes(end - start + 1)  # counted before the client can see the bytes
         with open(obj.path, "rb") as fh:
             fh.seek(start)
             remaining = end - start + 1
             while remaining > 0 and (chunk := fh.read(min(_CHUNK_BYTES * 16, remaining))):
                 self.wfile.write(chunk)
                 remaining -= len(chunk)
-        self.owner._add_bytes(end - start + 1)
 
     def _send_fault(self, status: int, code: str, message: str) -> None:
         payload = (
