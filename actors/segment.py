@@ -35,7 +35,9 @@ Timings = dict[str, float]
 
 
 @functools.lru_cache(maxsize=4)
-def cached_segmenter(name: str, model_path: str | None, tta: bool, device: str | None = None) -> Segmenter:
+def cached_segmenter(
+    name: str, model_path: str | None, tta: bool | None, device: str | None = None
+) -> Segmenter:
     """One segmenter per worker process and configuration (for fit and post-processing)."""
     return make_segmenter(name, model_path, tta=tta, device=device)
 
@@ -90,7 +92,7 @@ def measure_task(
 class SegmentActor:
     """Holds one segmenter (model loaded once) and runs its per-pixel pass on tiles."""
 
-    def __init__(self, name: str, model_path: str | None, tta: bool) -> None:
+    def __init__(self, name: str, model_path: str | None, tta: bool | None) -> None:
         self.segmenter = make_segmenter(name, model_path, tta=tta)
 
     def predict(

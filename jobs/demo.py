@@ -72,13 +72,11 @@ def run_demo(out: str, *, segmenter: str | None = None) -> int:
     """Extract the demo slide into ``out`` and print a one-line summary."""
     import pandas as pd
 
-    from ..pipeline.segmenters import default_segmenter
+    from ..pipeline.segmenters import default_segmenter, shipped_weights
     from .cli import run_extract
 
     slide = demo_slide()
-    name, model = default_segmenter() if segmenter is None else (segmenter, None)
-    if name == "attention" and model is None:
-        model = default_segmenter()[1]
+    name, model = default_segmenter() if segmenter is None else (segmenter, shipped_weights(segmenter))
     config = ExtractConfig(segmenter=name, model_path=model)
     code = run_extract([str(slide)], out, config)
     slides = pd.read_parquet(os.path.join(out, "slides.parquet"))

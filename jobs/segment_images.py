@@ -61,7 +61,7 @@ def write_labels(path: str, labels: NDArray[np.int32]) -> None:
 
 
 def run_segment(
-    images: Sequence[str], out: str, mpp: float, segmenter_name: str, model: str | None, tta: bool
+    images: Sequence[str], out: str, mpp: float, segmenter_name: str, model: str | None, tta: bool | None
 ) -> int:
     """Segment every image into ``out/<stem>.tif``; 1 if any image failed, else 0."""
     segmenter = make_segmenter(segmenter_name, model, tta=tta)

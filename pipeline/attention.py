@@ -53,6 +53,31 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def _checked(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB tile, got {rgb.dtype} {rgb.shape}")
+    return rgb
+
+
+def stain_stats(rgb: NDArray[np.uint8]) -> SlideStats:
+    """Reinhard statistics (LAB mean/std of tissue, white level) of a slide's low-res view."""
+    white = white_level(rgb)
+    mean, std = reinhard_stats(rgb, white)
+    values = dict(zip(_STAT_KEYS, [float(v) for v in (*mean, *std)]))
+    values["white"] = white
+    return SlideStats(values=values)
+
+
+def apply_stain_stats(rgb: NDArray[np.uint8], stats: SlideStats) -> NDArray[np.uint8]:
+    """``rgb`` Reinhard-normalised with a slide's statistics (the tile's own if absent)."""
+    _checked(rgb)
+    if not all(k in stats.values for k in (*_STAT_KEYS, "white")):
+        return reinhard_normalize(rgb)  # no slide statistics: the tile's own
+    v = [stats.values[k] for k in _STAT_KEYS]
+    pair = (np.asarray(v[:3], dtype=np.float64), np.asarray(v[3:], dtype=np.float64))
+    return reinhard_normalize(rgb, pair, white=stats.values["white"])
+
+
 def _pick_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,22 +123,10 @@ class AttentionSegmenter:
 
     def fit(self, rgb: NDArray[np.uint8], mpp: float) -> SlideStats:
         """Reinhard statistics (LAB mean/std of tissue, white level) of a low-res view."""
-        white = white_level(rgb)
-        mean, std = reinhard_stats(rgb, white)
-        values = dict(zip(_STAT_KEYS, [float(v) for v in (*mean, *std)]))
-        values["white"] = white
-        return SlideStats(values=values)
+        return stain_stats(rgb)
 
     def _prepare(self, rgb: NDArray[np.uint8], stats: SlideStats) -> NDArray[np.uint8]:
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB tile, got {rgb.dtype} {rgb.shape}")
-        if not self.stain_norm:
-            return rgb
-        if not all(k in stats.values for k in (*_STAT_KEYS, "white")):
-            return reinhard_normalize(rgb)  # no slide statistics: the tile's own
-        v = [stats.values[k] for k in _STAT_KEYS]
-        pair = (np.asarray(v[:3], dtype=np.float64), np.asarray(v[3:], dtype=np.float64))
-        return reinhard_normalize(rgb, pair, white=stats.values["white"])
+        return apply_stain_stats(rgb, stats) if self.stain_norm else _checked(rgb)
 
     def _check_mpp(self, mpp: float) -> None:
         if not self._warned_mpp and abs(mpp / self.mpp - 1.0) > 0.1:

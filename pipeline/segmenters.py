@@ -65,30 +65,60 @@ class Segmenter(Protocol):
         ...
 
 
-def make_segmenter(name: str, model_path: str | None = None, *, tta: bool = True, device: str | None = None) -> Segmenter:
+def make_segmenter(
+    name: str, model_path: str | None = None, *, tta: bool | None = None, device: str | None = None
+) -> Segmenter:
     """Build a segmenter by name; heavy dependencies (torch) load only when needed."""
     if name == "classical":
         from .classical import ClassicalSegmenter
 
         return ClassicalSegmenter()
     if name == "attention":
+        model_path = model_path or shipped_weights("attention")
         if not model_path:
             from .errors import ConfigError
 
             raise ConfigError("the attention segmenter needs model weights (--model PATH)")
         from .attention import AttentionSegmenter
 
-        return AttentionSegmenter(model_path, device=device, tta=tta)
+        return AttentionSegmenter(model_path, device=device, tta=True if tta is None else tta)
+    if name == "student":
+        from .student_segmenter import StudentSegmenter
+
+        path = model_path or shipped_weights("student")
+        if path is None:
+            from .errors import ConfigError
+
+            raise ConfigError("the student segmenter needs weights (--model PATH); none are shipped")
+        return StudentSegmenter(path, device=device, tta=bool(tta))
     from .errors import ConfigError
 
-    raise ConfigError(f"unknown segmenter {name!r}; choose classical or attention")
+    raise ConfigError(f"unknown segmenter {name!r}; choose classical, attention or student")
+
+
+#: Weights files shipped in pipeline/weights/, by segmenter name.
+SHIPPED_WEIGHTS = {"attention": "attention_f.safetensors", "student": "student.safetensors"}
+
+
+def shipped_weights(name: str) -> str | None:
+    """Path of the weights shipped for segmenter ``name``, or None."""
+    from pathlib import Path
+
+    if name not in SHIPPED_WEIGHTS:
+        return None
+    path = Path(__file__).with_name("weights") / SHIPPED_WEIGHTS[name]
+    return str(path) if path.exists() else None
 
 
 def default_segmenter() -> tuple[str, str | None]:
-    """The segmenter used when none is named: the shipped attention model once it exists."""
-    from pathlib import Path
+    """The segmenter used when none is named: the shipped self-trained student (it beats
+    the classical baseline on MoNuSeg), else the classical baseline."""
+    path = shipped_weights("student")
+    return ("student", path) if path is not None else ("classical", None)
 
-    weights = Path(__file__).with_name("weights") / "attention_f.safetensors"
-    if weights.exists():
-        return "attention", str(weights)
-    return "classical", None
+
+def segmenter_for_weights(path: str) -> str:
+    """"student" or "attention", from the architecture recorded in a weights file."""
+    from .model import read_metadata
+
+    return "student" if read_metadata(path).get("arch") == "student_unet" else "attention"

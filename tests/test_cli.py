@@ -21,7 +21,8 @@ def test_extract_cohort_isolates_bad_slides(
 ) -> None:
     bad = [bad_inputs[k] for k in ("random_bytes", "truncated", "fluorescence", "no_resolution", "missing")]
     out = tmp_path / "out"
-    code = main(["extract", synthetic_slide.path, *map(str, bad), "--out", str(out), "--no-progress"])
+    code = main(["extract", synthetic_slide.path, *map(str, bad), "--out", str(out), "--no-progress",
+                 "--segmenter", "classical"])
     assert code == 1
     slides = pd.read_parquet(out / "slides.parquet")
     failures = pd.read_parquet(out / "failures.parquet")
@@ -41,10 +42,12 @@ def test_extract_cohort_isolates_bad_slides(
 @pytest.mark.usefixtures("ray_cluster")
 def test_extract_mpp_override_and_usage_errors(bad_inputs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "o"
-    assert main(["extract", str(bad_inputs["no_resolution"]), "--out", str(out), "--mpp", "0.5", "--no-progress"]) == 0
+    assert main(["extract", str(bad_inputs["no_resolution"]), "--out", str(out), "--mpp", "0.5", "--no-progress",
+                 "--segmenter", "classical"]) == 0
     assert pd.read_parquet(out / "slides.parquet").mpp_source.tolist() == ["override"]
     assert main(["extract", "x.svs", "--out", str(out), "--tile-px", "100", "--overlap-px", "90"]) == 2
-    assert main(["extract", "x.svs", "--out", str(out), "--segmenter", "attention"]) == 2
+    missing = str(out / "missing.safetensors")
+    assert main(["extract", "x.svs", "--out", str(out), "--segmenter", "attention", "--model", missing]) == 1
 
 
 def test_segment_writes_label_images(tmp_path: Path) -> None:
@@ -115,7 +118,7 @@ def test_real_slides_mixed_with_bad_ones(
         bad_inputs["random_bytes"],
     ]
     out = tmp_path / "out"
-    assert main(["extract", *map(str, slides), "--out", str(out), "--no-progress"]) == 1
+    assert main(["extract", *map(str, slides), "--out", str(out), "--no-progress", "--segmenter", "classical"]) == 1
     done = pd.read_parquet(out / "slides.parquet")
     failures = pd.read_parquet(out / "failures.parquet")
     assert sorted(done.slide_id) == ["CMU-1-Small-Region", "OS-1-detail"]
