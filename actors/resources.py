@@ -28,8 +28,18 @@ class WorkerResources:
             raise ConfigError("resource requests must be >= 0")
 
     @classmethod
-    def for_cluster(cls, cluster: dict[str, float], actors: int | None = None) -> WorkerResources:
-        """Sensible requests for a cluster's total resources (``ray.cluster_resources()``)."""
+    def for_cluster(
+        cls, cluster: dict[str, float], actors: int | None = None, *, gpu_actors: int | None = None
+    ) -> WorkerResources:
+        """Sensible requests for a cluster's total resources (``ray.cluster_resources()``).
+
+        ``gpu_actors`` asks for that many one-GPU actors whatever the cluster holds now,
+        so that an autoscaler starts GPU nodes for them.
+        """
+        if gpu_actors is not None:
+            if gpu_actors < 1:
+                raise ConfigError(f"gpu_actors must be >= 1, got {gpu_actors}")
+            return cls(gpu_actors, 1.0, 1.0, 1.0)
         gpus = int(cluster.get("GPU", 0))
         cpus = max(1, int(cluster.get("CPU", 1)))
         if gpus > 0:

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray started here (default: all)")
     ext.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start one)")
     ext.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    ext.add_argument("--gpus", type=int, default=None,
+                     help="GPU segmentation actors to request even before GPU nodes exist (autoscaling clusters)")
+    ext.add_argument("--max-batches", type=int, default=None,
+                     help="tile batches in flight (default: 2 per cluster CPU, at least 6)")
     _add_segmenter_args(ext)
 
     ev = sub.add_parser("evaluate", help="AJI, Dice, PQ and F1 of label images against ground truth")
@@ -130,13 +134,18 @@ def _extract(args: argparse.Namespace) -> int:
         overlap_px=args.overlap_px, mpp_override=args.mpp, seg_mpp=args.seg_mpp,
         tta=args.tta, storage_options=options,
     )
+    for name in ("gpus", "max_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     return run_extract(args.slides, args.out, config, local=args.local, num_cpus=args.num_cpus,
-                       address=args.address, show_progress=not args.no_progress)  # fmt: skip
+                       address=args.address, show_progress=not args.no_progress,
+                       gpus=args.gpus, max_batches=args.max_batches)  # fmt: skip
 
 
 def run_extract(
     slides: Sequence[str], out: str, config: ExtractConfig, *, local: bool = False,
     num_cpus: int | None = None, address: str | None = None, show_progress: bool = True,
+    gpus: int | None = None, max_batches: int | None = None,
 ) -> int:
     """Expand the inputs, run the cohort (on Ray unless ``local``), print the outcome."""
     from ..pipeline.inputs import expand_inputs, redact, with_s3_retries
@@ -153,10 +162,11 @@ def run_extract(
         result = run_cohort_local(items, out, config, segmenter, show_progress=show_progress)
     else:
         from .cluster import init_ray
-        from .run_ray import run_cohort_ray
+        from .run_ray import RayOptions, run_cohort_ray
 
         init_ray(num_cpus, address)
-        result = run_cohort_ray(items, out, config, segmenter, show_progress=show_progress)
+        options = RayOptions(gpu_actors=gpus, max_batches=max_batches)
+        result = run_cohort_ray(items, out, config, segmenter, options=options, show_progress=show_progress)
     print(f"{result.done} slides done, {result.failed} failed, {result.skipped} already done; "
           f"results in {redact(result.out)}")  # fmt: skip
     return EXIT_FAILED if result.failed else EXIT_OK

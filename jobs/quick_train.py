@@ -16,8 +16,9 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,7 +168,7 @@ def _resize(img: NDArray[np.float32], size: tuple[int, int]) -> NDArray[np.float
     return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -216,15 +217,24 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_script(
+    parser: argparse.ArgumentParser,
+    runner: Callable[[argparse.Namespace], dict[str, Any]],
+    argv: Sequence[str] | None,
+) -> int:
+    """Parse, run, print the summary (config left out); 2 on a configuration error."""
+    args = parser.parse_args(argv)
     try:
-        summary = run(args)
+        summary = runner(args)
     except NucleiscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2), flush=True)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_script(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

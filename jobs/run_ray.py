@@ -58,12 +58,28 @@ class SlideState:
 
 @dataclass(frozen=True)
 class RayOptions:
-    """How the driver uses the cluster."""
+    """How the driver uses the cluster (None: scaled to the cluster's CPUs at start)."""
 
     tiles_per_batch: int = 4
-    max_slides: int = 2
-    max_batches: int = 6
+    #: Slides open at once (default: 2, plus one per 16 CPUs).
+    max_slides: int | None = None
+    #: Tile batches in flight (default: 6, or 2 per CPU on larger clusters).
+    max_batches: int | None = None
     actors: int | None = None
+    #: GPU segmentation actors to request even if no GPU node is up yet (an autoscaling
+    #: GPU group starting at 0); None: one per GPU present.
+    gpu_actors: int | None = None
+
+    def scaled(self, cluster: dict[str, float]) -> RayOptions:
+        """These options with the defaults filled in for a cluster's resources."""
+        cpus = max(1, int(cluster.get("CPU", 1)))
+        return RayOptions(
+            tiles_per_batch=self.tiles_per_batch,
+            max_slides=self.max_slides or 2 + cpus // 16,
+            max_batches=self.max_batches or max(6, 2 * cpus),
+            actors=self.actors,
+            gpu_actors=self.gpu_actors,
+        )
 
 
 class RayCohort:
@@ -71,11 +87,11 @@ class RayCohort:
 
     def __init__(self, out: str, config: ExtractConfig, segmenter_name: str, model_id: str,
                  options: RayOptions, on_event: EventFn | None = None) -> None:
-        self.out, self.config, self.options = out, config, options
+        cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        self.out, self.config, self.options = out, config, options.scaled(cluster)
         self.segmenter_name, self.model_id = segmenter_name, model_id
         self.on_event = on_event
-        cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
-        self.resources = WorkerResources.for_cluster(cluster, options.actors)
+        self.resources = WorkerResources.for_cluster(cluster, options.actors, gpu_actors=options.gpu_actors)
         actor = SegmentActor.options(  # type: ignore[attr-defined]
             num_cpus=self.resources.actor_num_cpus, num_gpus=self.resources.actor_num_gpus
         )
@@ -94,7 +110,7 @@ class RayCohort:
         started = time.perf_counter()
         try:
             while queue or self.active:
-                while queue and len(self.active) < self.options.max_slides:
+                while queue and len(self.active) < (self.options.max_slides or 2):
                     self._start(queue.popleft())
                 self._submit_batches()
                 if not self.pending:
@@ -126,7 +142,7 @@ class RayCohort:
     def _submit_batches(self) -> None:
         for state in list(self.active.values()):
             while state.prepared is not None and state.submitted < len(state.ranges):
-                if self._in_flight() >= self.options.max_batches:
+                if self._in_flight() >= (self.options.max_batches or 6):
                     return
                 self._submit(state, state.submitted)
                 state.submitted += 1

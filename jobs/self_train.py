@@ -28,12 +28,11 @@ from numpy.typing import NDArray
 
 from ..pipeline.attention import AttentionSegmenter, apply_stain_stats, stain_stats
 from ..pipeline.classical import ClassicalParams, ClassicalSegmenter
-from ..pipeline.errors import NucleiscopeError
 from ..pipeline.instances import split_instances
 from ..pipeline.pseudo_labels import RECIPES, PseudoLabelConfig, pseudo_targets, target_shares
 from ..pipeline.self_training import PseudoLabelSampler, StudentTrainConfig, student_probabilities, train_student
 from ..pipeline.student import StudentPostprocess, probabilities_to_instances, save_student
-from .quick_train import list_images, read_rgb
+from .quick_train import list_images, read_rgb, run_script
 from .segment_images import write_labels
 
 #: Worker processes must not inherit a CUDA context.
@@ -114,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prep_s = time.perf_counter() - t0
     if args.save_maps:
         maps = {it["stem"]: np.rint(it["attention"] * 255.0).astype(np.uint8) for it in items}
-        np.savez_compressed(out / "teacher_maps.npz", **maps)  # type: ignore[arg-type]
+        np.savez_compressed(out / "teacher_maps.npz", **maps)
     train_stems = {p.stem for p in train_paths}
     train_items = [it for it in items if it["stem"] in train_stems]
     shares = {k: float(np.mean([target_shares(it["target"])[k] for it in train_items]))
@@ -186,14 +185,7 @@ def _evaluate(items: list[dict[str, Any]], labels_dir: Path, train_stems: set[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except NucleiscopeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2), flush=True)
-    return 0
+    return run_script(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -158,8 +158,9 @@ def train_student(
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
             losses = student_loss(net(x), y, config)
+        total: torch.Tensor = losses["total"]
         opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        total.backward()  # type: ignore[no-untyped-call]
         opt.step()
         out_of_time = config.max_seconds is not None and time.perf_counter() - start >= config.max_seconds
         if log is not None and (step % log_every == 0 or step == config.steps - 1 or out_of_time):

@@ -100,8 +100,8 @@ class StudentNet(nn.Module):
     def receptive_field_px(self) -> int:
         """An upper bound of the receptive field (pixels) of one output pixel."""
         levels = len(self.widths)
-        enc = sum(4 * 2**i + 2**i for i in range(levels - 1)) + 4 * 2 ** (levels - 1)
-        dec = sum(4 * 2**i + 2 * 2**i for i in range(levels - 1))
+        enc = sum(5 << i for i in range(levels - 1)) + (4 << (levels - 1))
+        dec = sum(6 << i for i in range(levels - 1))
         return 1 + enc + dec
 
 

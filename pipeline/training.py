@@ -1,28 +1,31 @@
-"""Training core of the method (method.md, "Losses" and "Training"): pure torch.
+"""Training core of the method (method.md, "Losses" and "Training"): pure torch, no Ray.
 
-``ScaleTileSampler`` keeps every source image at the three scales on the device and
-draws class-balanced, augmented batches with no host round trip. ``train_step`` runs
-F and G once and applies the scale, smoothness and equivariance losses. Metrics come
-back as 0-d device tensors so that a driver syncs only when it logs.
+The batch samplers live in ``samplers.py`` and are re-exported here. ``train_step`` runs F and G once (through
+DDP wrappers after ``wrap_ddp``) and applies the scale, smoothness and equivariance
+losses. Metrics come back as 0-d device tensors so that a driver syncs only when it
+logs. Checkpoints go to any fsspec URL and appear atomically.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import os
 import pickle
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from numpy.typing import NDArray
+from torch import nn
 
-from .errors import ConfigError, ModelError
+from .errors import ModelError
 from .model import (
     TRANSFORMS,
     AttentionNet,
@@ -32,201 +35,32 @@ from .model import (
     frozen_bn_stats,
     to_device,
 )
-from .normalize import hed_jitter, imagenet_normalize, reinhard_normalize
+from .samplers import ScaleTileSampler, TilePool, resample_tensor, scaled_size
+from .train_config import SCALE_MPP, TrainConfig
 
-#: µm/px of the scale classes, indexed by label (0 = 10x, 1 = 20x, 2 = 40x).
-SCALE_MPP: tuple[float, float, float] = (1.0, 0.5, 0.25)
+logger = logging.getLogger(__name__)
+
 _EQUIV_TRANSFORMS = TRANSFORMS[1:]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run (reference values by default)."""
-
-    batch_size: int = 32
-    crop_px: int = 160
-    pad_min_px: int = 224
-    sparsity: float = 0.07
-    sharpness: float = 20.0
-    tau_momentum: float = 0.9
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-4
-    lr_drop_steps: tuple[int, ...] = (30_000, 60_000)
-    lr_gamma: float = 0.1
-    weight_scale: float = 1.0
-    weight_tv: float = 1.0
-    weight_equiv: float = 1.0
-    #: Weight of the optional scale-equivariance loss (0: off, as the authors advise).
-    weight_scale_equiv: float = 0.0
-    hed_sigma: float = 0.03
-    stain_norm: bool = True
-    #: Reject tiles with more than this share of white pixels (None: keep all; for WSI sources).
-    max_white_frac: float | None = None
-    white_level: int = 220
-    white_candidates: int = 4
-    f_width: int = 64
-    f_dilations: tuple[int, ...] = (1, 2, 3, 5, 10, 20)
-    g_width: int = 64
-    g_blocks: tuple[int, ...] = (3, 4, 6, 3)
-    #: bf16 autocast and channels-last layout, on CUDA only.
-    bf16: bool = True
-    channels_last: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check_int(self, "batch_size", 2)
-        _check_int(self, "crop_px", 8)
-        _check_int(self, "pad_min_px", 0)
-        _check_int(self, "white_candidates", 1)
-        _check_int(self, "f_width", 1)
-        _check_int(self, "g_width", 1)
-        if not 0.0 < self.sparsity < 1.0:
-            raise ConfigError(f"sparsity must be in (0, 1), got {self.sparsity!r}")
-        if not 0.0 <= self.tau_momentum < 1.0:
-            raise ConfigError(f"tau_momentum must be in [0, 1), got {self.tau_momentum!r}")
-        for name in ("sharpness", "lr", "lr_gamma"):
-            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "weight_scale", "weight_tv", "weight_equiv", "weight_scale_equiv", "hed_sigma"):
-            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if any(not isinstance(s, int) or s <= 0 for s in self.lr_drop_steps) or list(self.lr_drop_steps) != sorted(
-            self.lr_drop_steps
-        ):
-            raise ConfigError(f"lr_drop_steps must be increasing positive integers, got {self.lr_drop_steps!r}")
-        if self.max_white_frac is not None and not 0.0 <= self.max_white_frac <= 1.0:
-            raise ConfigError(f"max_white_frac must be in [0, 1] or None, got {self.max_white_frac!r}")
-        if not 0 <= self.white_level <= 255:
-            raise ConfigError(f"white_level must be in [0, 255], got {self.white_level!r}")
-        if not self.f_dilations or any(d < 1 for d in self.f_dilations) or not self.g_blocks:
-            raise ConfigError("f_dilations and g_blocks must be non-empty positive integers")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON."""
-        return asdict(self)
+__all__ = [
+    "CHECKPOINT_NAME", "SCALE_MPP", "ScaleTileSampler", "TilePool", "TrainConfig", "TrainState", "build_state",
+    "equivariance_target", "list_checkpoints", "load_checkpoint", "metrics_to_floats", "prune_checkpoints",
+    "read_checkpoint", "resample_tensor", "save_checkpoint", "scaled_size", "scale_equivariance_loss",
+    "seed_generators", "train_step", "tv_loss", "wrap_ddp",
+]  # fmt: skip
 
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
-    value = getattr(cfg, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str, bool]:
+    """(fsspec filesystem, path, is local) of ``url``; fsspec is imported here, not by the module,
+    so that single-machine trainers run where it is missing."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
 
-
-class ScaleTileSampler:
-    """Scale-labelled tiles from source RGB images, resident on ``device``.
-
-    Each source (H, W, 3) uint8 image at ``mpp`` µm/px is optionally Reinhard-normalised,
-    then resampled ONCE to each of ``SCALE_MPP`` with one antialiased bilinear filter,
-    and padded (reflect) to at least ``max(pad_min_px, crop_px)`` per side.
-    """
-
-    def __init__(
-        self,
-        images: Sequence[NDArray[np.uint8]],
-        mpp: float | Sequence[float],
-        config: TrainConfig,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        if not images:
-            raise ConfigError("the sampler needs at least one source image")
-        mpps = [float(mpp)] * len(images) if isinstance(mpp, (int, float)) else [float(m) for m in mpp]
-        if len(mpps) != len(images):
-            raise ConfigError(f"{len(images)} images but {len(mpps)} mpp values")
-        for m in mpps:
-            if not (_finite(m) and 0 < m <= SCALE_MPP[-1] * 1.05):
-                raise ConfigError(f"source mpp must be in (0, {SCALE_MPP[-1] * 1.05:.4f}] (40x or finer), got {m!r}")
-        self.config = config
-        self.device = torch.device(device)
-        self.num_images = len(images)
-        for rgb in images:
-            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-                raise ConfigError(f"source images must be (H, W, 3) uint8, got {rgb.dtype} {rgb.shape}")
-        if config.stain_norm:
-            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                images = list(pool.map(reinhard_normalize, images))
-        views: list[torch.Tensor] = []  # label-major: index = label * N + image
-        for target in SCALE_MPP:
-            for rgb, m in zip(images, mpps):
-                views.append(self._resample(rgb, m, target))
-        h_max = max(v.shape[0] for v in views)
-        w_max = max(v.shape[1] for v in views)
-        self.pack = torch.zeros((len(views), h_max, w_max, 3), dtype=torch.uint8, device=self.device)
-        for i, v in enumerate(views):
-            self.pack[i, : v.shape[0], : v.shape[1]] = v
-        self.sizes = torch.tensor([[v.shape[0], v.shape[1]] for v in views], dtype=torch.int64, device=self.device)
-
-    def _resample(self, rgb: NDArray[np.uint8], mpp: float, target_mpp: float) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float()
-        h, w = x.shape[-2:]
-        size = (max(1, round(h * mpp / target_mpp)), max(1, round(w * mpp / target_mpp)))
-        if size != (h, w):
-            x = nnf.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        side = max(self.config.pad_min_px, self.config.crop_px)
-        x = _pad_to(x, side)
-        return x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).contiguous()
-
-    def sample(
-        self, batch_size: int, generator: torch.Generator | None = None, *, augment: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch (B, 3, c, c) ImageNet-normalised float32 and labels (B,) int64.
-
-        Labels are balanced (``arange(B) % 3``); source image, crop, and one of the eight
-        dihedral transforms are drawn per tile; HED jitter applies when ``augment``.
-        """
-        cfg = self.config
-        labels = torch.arange(batch_size, device=self.device) % len(SCALE_MPP)
-        k = cfg.white_candidates if cfg.max_white_frac is not None else 1
-        tiles = self._gather(labels.repeat_interleave(k), generator)  # (B*k, c, c, 3)
-        if k > 1:
-            white = (tiles.amin(dim=-1) > cfg.white_level).float().mean(dim=(1, 2)).view(batch_size, k)
-            rank = torch.arange(k, device=self.device, dtype=torch.float32).expand(batch_size, k)
-            score = torch.where(white <= float(cfg.max_white_frac or 0.0), rank, k + white)
-            pick = torch.arange(batch_size, device=self.device) * k + score.argmin(dim=1)
-            tiles = tiles[pick]
-        x = tiles.permute(0, 3, 1, 2).float()
-        if augment and cfg.hed_sigma > 0:
-            x = hed_jitter(x, cfg.hed_sigma, generator)
-        x = imagenet_normalize(x)
-        if cfg.channels_last and self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, labels
-
-    def _gather(self, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        c = self.config.crop_px
-        n = labels.shape[0]
-        dev = self.device
-        image = torch.randint(0, self.num_images, (n,), device=dev, generator=generator)
-        index = labels * self.num_images + image
-        size = self.sizes[index]
-        u = torch.rand((n, 2), device=dev, generator=generator)
-        offset = (u * (size - c + 1).float()).long()
-        flips = torch.randint(0, 2, (n, 3, 1, 1), device=dev, generator=generator).bool()
-        ii = torch.arange(c, device=dev).view(1, c, 1).expand(n, c, c)
-        jj = torch.arange(c, device=dev).view(1, 1, c).expand(n, c, c)
-        ii, jj = torch.where(flips[:, 0], jj, ii), torch.where(flips[:, 0], ii, jj)  # transpose
-        ii = torch.where(flips[:, 1], c - 1 - ii, ii)  # vertical flip
-        jj = torch.where(flips[:, 2], c - 1 - jj, jj)  # horizontal flip
-        rows = offset[:, 0].view(n, 1, 1) + ii
-        cols = offset[:, 1].view(n, 1, 1) + jj
-        return self.pack[index.view(n, 1, 1), rows, cols]
-
-
-def _pad_to(x: torch.Tensor, side: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    while h < side or w < side:
-        ph, pw = max(0, min(side - h, h - 1)), max(0, min(side - w, w - 1))
-        if ph == 0 and pw == 0:  # a 1-pixel axis cannot be reflected
-            return nnf.pad(x, (0, max(0, side - w), 0, max(0, side - h)), mode="replicate")
-        x = nnf.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
-        h, w = x.shape[-2:]
-    return x
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    return fs, str(path), isinstance(fs, LocalFileSystem)
 
 
 @dataclass
@@ -243,6 +77,10 @@ class TrainState:
     #: CPU generator for host-side draws (the equivariance transform of a batch).
     host_generator: torch.Generator = field(default_factory=torch.Generator)
     step: int = 0
+    #: Modules that run the training forward pass: DDP wrappers of ``f`` and ``g`` after
+    #: ``wrap_ddp`` (None: ``f`` and ``g`` themselves). Targets and metrics use ``f``.
+    f_train: nn.Module | None = None
+    g_train: nn.Module | None = None
 
 
 def build_state(config: TrainConfig, device: torch.device | str = "cpu") -> TrainState:
@@ -272,6 +110,29 @@ def build_state(config: TrainConfig, device: torch.device | str = "cpu") -> Trai
     return TrainState(
         f=f, g=g, optimizer=opt, scheduler=sched, config=config, device=dev, generator=gen, host_generator=host
     )
+
+
+def seed_generators(state: TrainState, *parts: int) -> None:
+    """Reseed the batch and host generators from ``config.seed`` and ``parts`` (e.g. rank and step),
+    so that workers draw different batches and a resumed run draws fresh ones."""
+    seq = np.random.SeedSequence([state.config.seed, *[int(p) for p in parts]])
+    a, b = (int(v) for v in seq.generate_state(2, np.uint64) % (2**62))
+    state.generator.manual_seed(a)
+    state.host_generator.manual_seed(b)
+
+
+def wrap_ddp(state: TrainState) -> None:
+    """Wrap F and G in DistributedDataParallel (the process group must be initialised).
+
+    Buffers (BN running statistics, F's ``tau_ema``) are broadcast from rank 0 at every
+    forward pass, so all ranks threshold with rank 0's ``tau_ema``; each rank's batch
+    tau and BN batch statistics are its own (as with BN without synchronisation).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [state.device.index or 0] if state.device.type == "cuda" else None
+    state.f_train = DistributedDataParallel(state.f, device_ids=ids)
+    state.g_train = DistributedDataParallel(state.g, device_ids=ids)
 
 
 def tv_loss(a: torch.Tensor) -> torch.Tensor:
@@ -317,9 +178,11 @@ def train_step(state: TrainState, x: torch.Tensor, labels: torch.Tensor) -> dict
     use_bf16 = cfg.bf16 and state.device.type == "cuda"
     pick = int(torch.randint(0, len(_EQUIV_TRANSFORMS), (1,), generator=state.host_generator).item())
     lr = state.optimizer.param_groups[0]["lr"]
+    f_fwd = state.f_train if state.f_train is not None else f
+    g_fwd = state.g_train if state.g_train is not None else g
     with torch.autocast(device_type=state.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        out = f(x)
-        logits = g(x * out.a)
+        out = f_fwd(x)
+        logits = g_fwd(x * out.a)
         loss_scale = nnf.cross_entropy(logits.float(), labels)
         loss_tv = tv_loss(out.a)
         zero = out.a.new_zeros(())
@@ -363,8 +226,19 @@ def metrics_to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values))
 
 
-def save_checkpoint(state: TrainState, path: str | os.PathLike[str]) -> None:
-    """Everything needed to resume: nets, optimiser, schedule, step, config (torch.save of tensors/plain data)."""
+#: File name of the checkpoint after ``step`` steps in a run's ``checkpoints/`` folder.
+CHECKPOINT_NAME = "step-{step:08d}.pt"
+_CHECKPOINT_RE = re.compile(r"^step-(\d{8,})\.pt$")
+
+
+def save_checkpoint(
+    state: TrainState, path: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Everything needed to resume: nets, optimiser, schedule, step, config, and ``extra``
+    (JSON-able data, e.g. the metrics rows so far). ``path`` is a local path or fsspec URL;
+    the file appears whole or not at all (local: temporary file then rename; object
+    stores: one upload, committed when it completes)."""
     payload = {
         "f": state.f.state_dict(),
         "g": state.g.state_dict(),
@@ -372,17 +246,43 @@ def save_checkpoint(state: TrainState, path: str | os.PathLike[str]) -> None:
         "scheduler": state.scheduler.state_dict(),
         "step": state.step,
         "config": json.dumps(state.config.to_dict()),
+        "extra": json.dumps(dict(extra or {})),
     }
+    name = os.fspath(path)
     try:
-        torch.save(payload, os.fspath(path))
-    except OSError as exc:
-        raise ModelError(f"cannot write checkpoint {os.fspath(path)}: {exc}") from exc
+        fs, target, local = _filesystem(name, storage_options)
+        if local:
+            parent = os.path.dirname(target) or "."
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".{os.path.basename(target)}.{uuid.uuid4().hex}.tmp")
+            try:
+                torch.save(payload, tmp)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            with fs.open(target, "wb") as handle:
+                torch.save(payload, handle)
+    except Exception as exc:  # noqa: BLE001 - any storage failure means no checkpoint
+        raise ModelError(f"cannot write checkpoint {name}: {type(exc).__name__}: {exc}") from exc
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> TrainState:
     """Resume a run saved by ``save_checkpoint`` (loaded with ``weights_only=True``)."""
+    return read_checkpoint(path, device)[0]
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu", *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[TrainState, dict[str, Any]]:
+    """The run state and the ``extra`` data of a checkpoint (local path or fsspec URL)."""
+    name = os.fspath(path)
     try:
-        payload = torch.load(os.fspath(path), map_location=torch.device(device), weights_only=True)
+        fs, target, local = _filesystem(name, storage_options)
+        source: Any = target if local else io.BytesIO(fs.cat_file(target))
+        payload = torch.load(source, map_location=torch.device(device), weights_only=True)
         raw = json.loads(payload["config"])
         raw["betas"] = tuple(raw["betas"])
         for key in ("lr_drop_steps", "f_dilations", "g_blocks"):
@@ -393,8 +293,37 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         state.optimizer.load_state_dict(payload["optimizer"])
         state.scheduler.load_state_dict(payload["scheduler"])
         state.step = int(payload["step"])
+        extra = json.loads(payload.get("extra", "{}"))
     except FileNotFoundError as exc:
-        raise ModelError(f"checkpoint not found: {os.fspath(path)}") from exc
+        raise ModelError(f"checkpoint not found: {name}") from exc
     except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise ModelError(f"malformed checkpoint {os.fspath(path)}: {exc}") from exc
-    return state
+        raise ModelError(f"malformed checkpoint {name}: {exc}") from exc
+    return state, extra
+
+
+def list_checkpoints(folder: str, *, storage_options: Mapping[str, Any] | None = None) -> list[tuple[int, str]]:
+    """(step, URL) of the checkpoints in ``folder`` (``CHECKPOINT_NAME`` files), by step; [] if none."""
+    try:
+        fs, root, _ = _filesystem(folder, storage_options)
+        root = root.rstrip("/")
+        fs.invalidate_cache(root)
+        names = [str(p).rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.exists(root) else []
+    except Exception as exc:  # noqa: BLE001 - an unlistable run folder cannot be resumed
+        raise ModelError(f"cannot list checkpoints in {folder}: {type(exc).__name__}: {exc}") from exc
+    found = sorted((int(m.group(1)), n) for n in names if (m := _CHECKPOINT_RE.match(n)))
+    base = folder.rstrip("/")
+    return [(step, f"{base}/{n}") for step, n in found]
+
+
+def prune_checkpoints(folder: str, keep: int, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Delete all but the ``keep`` latest checkpoints of ``folder``; returns the deleted URLs."""
+    old = [url for _, url in list_checkpoints(folder, storage_options=storage_options)[:-keep]]
+    for url in old:
+        try:
+            fs, target, _ = _filesystem(url, storage_options)
+            fs.rm(target)
+        except FileNotFoundError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - a checkpoint left behind costs space only
+            logger.warning("could not delete old checkpoint %s: %s", url, exc)
+    return old

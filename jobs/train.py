@@ -1,0 +1,183 @@
+"""``nucleiscope train --config FILE``: train F and G with Ray Train (DDP on CPU or GPU workers).
+
+The driver reads the job (``pipeline.train_config``), expands and plans its sources in
+Ray tasks (every refused source is listed; exit 2), checks that an existing run folder
+holds the same hyper-parameters, and runs a ``TorchTrainer`` whose workers run
+``actors.train.train_loop_per_worker``. Rerunning the same command after an interruption
+continues from the run's latest checkpoint. Ray Train keeps its own run state in
+``<output>/ray``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import ray
+
+from ..actors.train import (
+    CHECKPOINT_DIR,
+    SUMMARY_NAME,
+    WEIGHTS_NAME,
+    plan_source_task,
+    public_job_dict,
+    train_loop_per_worker,
+)
+from ..pipeline.errors import ConfigError, OutputError
+from ..pipeline.inputs import expand_inputs, redact, with_s3_retries
+from ..pipeline.scale_tiles import SourcePlan
+from ..pipeline.storage import io_errors, resolve, write_bytes
+from ..pipeline.train_config import TrainJobConfig, load_job_config
+from ..pipeline.training import list_checkpoints
+
+log = logging.getLogger(__name__)
+
+JOB_NAME = "job.json"
+RAY_DIR = "ray"
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def _absolute(uri: str) -> str:
+    """Local paths made absolute (Ray Train workers run in another working directory)."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def expand_sources(job: TrainJobConfig, options: Mapping[str, Any]) -> list[tuple[str, float | None]]:
+    """(URI, stated µm/px) of every file the job's sources name, in order, without repeats."""
+    seen: set[str] = set()
+    found: list[tuple[str, float | None]] = []
+    for spec in job.sources:
+        items = expand_inputs([spec.path], storage_options=options)
+        if not items:
+            raise ConfigError(f"source {redact(spec.path)} names no files")
+        for item in items:
+            uri = _absolute(item.uri)
+            if uri not in seen:
+                seen.add(uri)
+                found.append((uri, item.mpp if item.mpp is not None else spec.mpp))
+    return found
+
+
+def _cause(exc: BaseException) -> BaseException:
+    while isinstance(exc, ray.exceptions.RayTaskError) and getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    return exc
+
+
+def plan_sources(items: list[tuple[str, float | None]], job: TrainJobConfig,
+                 options: Mapping[str, Any]) -> list[SourcePlan]:
+    """Plan every source in Ray tasks; ConfigError listing each refused source and why."""
+    refs = [plan_source_task.remote(uri, mpp, job.stream.tissue_mpp, dict(options)) for uri, mpp in items]
+    plans: list[SourcePlan] = []
+    refused: list[str] = []
+    for (uri, _), ref in zip(items, refs):
+        try:
+            plans.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:
+            cause = _cause(exc)
+            refused.append(f"{redact(uri)}: {type(cause).__name__}: {cause}")
+    if refused:
+        raise ConfigError(f"{len(refused)} of {len(items)} training sources refused:\n  " + "\n  ".join(refused))
+    return plans
+
+
+def check_run_folder(job: TrainJobConfig, run_dir: str, options: Mapping[str, Any]) -> int:
+    """The step the run resumes from (0: a new run); ConfigError when the folder holds a run
+    with other hyper-parameters. Records this job in ``job.json``."""
+    fs, root = resolve(run_dir, options)
+    path = f"{root}/{JOB_NAME}"
+    with io_errors(f"cannot read {redact(run_dir)}/{JOB_NAME}"):
+        previous = json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    if previous is not None and previous.get("train") != json.loads(json.dumps(job.train.to_dict())):
+        old, new = previous.get("train", {}), job.train.to_dict()
+        keys = sorted(k for k in set(old) | set(new) if json.dumps(old.get(k)) != json.dumps(new.get(k)))
+        raise ConfigError(f"{redact(run_dir)} holds a run with other [train] values ({', '.join(keys)}); "
+                          "use a new output folder or the same [train] table")  # fmt: skip
+    found = list_checkpoints(f"{run_dir}/{CHECKPOINT_DIR}", storage_options=options)
+    write_bytes(run_dir, JOB_NAME, json.dumps(public_job_dict(job), indent=2).encode(), storage_options=options)
+    return found[-1][0] if found else 0
+
+
+def _run_config(job: TrainJobConfig, run_dir: str, options: Mapping[str, Any]) -> Any:
+    """Ray Train's RunConfig, its run state under ``<output>/ray`` (through fsspec for remote outputs)."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    fs, root = resolve(run_dir, options)
+    local = "://" not in run_dir or run_dir.startswith("file://")
+    filesystem = None if local else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    return ray.train.RunConfig(
+        name=RAY_DIR, storage_path=root if not local else os.path.abspath(root), storage_filesystem=filesystem,
+        failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+    )  # fmt: skip
+
+
+def _init_ray(num_cpus: int | None, address: str | None) -> None:
+    """Join ``address`` / $RAY_ADDRESS or start a local Ray, with worker logs shown here."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _worker_entry(loop_config: dict[str, Any]) -> None:
+    """Worker-side entry: logging for the worker process, then the training loop."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)  # fmt: skip
+    train_loop_per_worker(loop_config)
+
+
+def run_train(config_path: str, *, address: str | None = None, num_cpus: int | None = None) -> int:
+    """Run (or continue) the training job of a TOML file; 0 when done, 1 when training failed.
+
+    Raises ConfigError for a bad job, bad sources or a mismatched run folder.
+    """
+    job = load_job_config(config_path)
+    run_dir = _absolute(job.output.rstrip("/"))
+    options = with_s3_retries(job.storage_options, [*(s.path for s in job.sources), run_dir])
+    job = replace(job, output=run_dir, storage_options=options)
+    _init_ray(num_cpus, address)
+    items = expand_sources(job, options)
+    log.info("%d training sources; planning them", len(items))
+    plans = plan_sources(items, job, options)
+    start = check_run_folder(job, run_dir, options)
+    log.info("%s run in %s from step %d to %d", "resuming a" if start else "starting a", redact(run_dir),
+             start, job.steps)  # fmt: skip
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    resources: dict[str, float] = {"CPU": job.cpus_per_worker, **({"GPU": 1.0} if job.use_gpu else {})}
+    scaling = ray.train.ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources)
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"job": job, "plans": plans, "run_dir": run_dir, "storage_options": options},
+        scaling_config=scaling,
+        run_config=_run_config(job, run_dir, options),
+    )  # fmt: skip
+    try:
+        trainer.fit()
+    except (ray.train.TrainingFailedError, ray.exceptions.RayError) as exc:
+        log.error("training failed: %s", exc)
+        return EXIT_FAILED
+    return _report(run_dir, options)
+
+
+def _report(run_dir: str, options: Mapping[str, Any]) -> int:
+    fs, root = resolve(run_dir, options)
+    try:
+        with io_errors(f"cannot read {redact(run_dir)}/{SUMMARY_NAME}"):
+            summary = json.loads(fs.cat_file(f"{root}/{SUMMARY_NAME}"))
+    except OutputError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    print(f"trained to step {summary['steps']} (this run started at step {summary['start_step']}; "
+          f"{summary['samples_per_s']:.1f} samples/s on {summary['world_size']} x {summary['device']}); "
+          f"F weights in {redact(run_dir)}/{WEIGHTS_NAME}")  # fmt: skip
+    return EXIT_OK
