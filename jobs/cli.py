@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--local", action="store_true", help="run in this process, without Ray")
     ext.add_argument("--gpus", type=int, default=None,
                      help="GPU segmentation actors to request even before GPU nodes exist (autoscaling clusters)")
+    ext.add_argument("--failures-ok", action="store_true",
+                     help="exit 0 when the only problem is slides recorded in failures.parquet "
+                          "(a batch job is then not retried for slides that will fail again)")
     ext.add_argument("--max-batches", type=int, default=None,
                      help="tile batches in flight (default: 2 per cluster CPU, at least 6)")
     _add_segmenter_args(ext)
@@ -137,9 +140,10 @@ def _extract(args: argparse.Namespace) -> int:
     for name in ("gpus", "max_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    return run_extract(args.slides, args.out, config, local=args.local, num_cpus=args.num_cpus,
+    code = run_extract(args.slides, args.out, config, local=args.local, num_cpus=args.num_cpus,
                        address=args.address, show_progress=not args.no_progress,
                        gpus=args.gpus, max_batches=args.max_batches)  # fmt: skip
+    return EXIT_OK if code == EXIT_FAILED and args.failures_ok else code
 
 
 def run_extract(

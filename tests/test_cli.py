@@ -37,6 +37,11 @@ def test_extract_cohort_isolates_bad_slides(
     assert all(len(m) > 10 for m in failures.message)
     assert (out / "run.json").exists()
     assert "1 slides done, 5 failed" in capsys.readouterr().out
+    # --failures-ok: recorded slide failures alone do not fail the run (a batch job is not retried)
+    again = main(["extract", synthetic_slide.path, *map(str, bad), "--out", str(out), "--no-progress",
+                  "--segmenter", "classical", "--failures-ok"])
+    assert again == 0
+    assert len(pd.read_parquet(out / "failures.parquet")) == len(bad)
 
 
 @pytest.mark.usefixtures("ray_cluster")
