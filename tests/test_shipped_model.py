@@ -82,3 +82,28 @@ def test_student_beats_classical_on_monuseg(monuseg_dir: Path, torch_one_thread:
     student_aji, classical_aji = np.mean(scores["student"]), np.mean(scores["classical"])
     assert student_aji > classical_aji
     assert student_aji == pytest.approx(0.4607, abs=0.005)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_student_on_ray_matches_in_process(small_slide: synthetic.SyntheticTruth, tmp_path: Path) -> None:
+    """The default segmenter through the Ray actors (batched network pass, probabilities
+    shipped to CPU post-processing tasks) gives the in-process nuclei."""
+    from nucleiscope.jobs.run_local import run_cohort_local
+    from nucleiscope.jobs.run_ray import RayOptions, run_cohort_ray
+    from nucleiscope.pipeline.inputs import SlideInput
+
+    config = ExtractConfig(segmenter="student", model_path=shipped_weights("student"), tile_px=512)
+    cohort = [SlideInput(small_slide.path, "small", None)]
+    run_cohort_local(cohort, str(tmp_path / "local"), config, make_segmenter("student"), show_progress=False)
+    result = run_cohort_ray(cohort, str(tmp_path / "ray"), config, make_segmenter("student"),
+                            options=RayOptions(tiles_per_batch=3, max_batches=4), show_progress=False)  # fmt: skip
+    assert (result.done, result.failed) == (1, 0)
+    local = pd.read_parquet(tmp_path / "local" / "nuclei")
+    remote = pd.read_parquet(tmp_path / "ray" / "nuclei")
+    assert len(local) > 0.9 * small_slide.n_nuclei
+    assert abs(len(remote) - len(local)) <= 0.01 * len(local)
+    dist, _ = cKDTree(local[["centroid_x_px", "centroid_y_px"]].to_numpy()).query(
+        remote[["centroid_x_px", "centroid_y_px"]].to_numpy()
+    )
+    assert (dist < 1e-6).mean() > 0.98
+    assert pd.read_parquet(tmp_path / "ray" / "slides.parquet").segmenter.item() == "student"
