@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from .normalize import imagenet_normalize, reinhard_normalize, reinhard_stats, w
 from .segmenters import SlideStats
 
 logger = logging.getLogger(__name__)
+ArrayT = TypeVar("ArrayT", bound=np.generic)
 
 #: µm/px F was trained at (the 40x scale class).
 WORKING_MPP = 0.25
@@ -76,6 +78,27 @@ def apply_stain_stats(rgb: NDArray[np.uint8], stats: SlideStats) -> NDArray[np.u
     v = [stats.values[k] for k in _STAT_KEYS]
     pair = (np.asarray(v[:3], dtype=np.float64), np.asarray(v[3:], dtype=np.float64))
     return reinhard_normalize(rgb, pair, white=stats.values["white"])
+
+
+def batched_by_shape(
+    images: Sequence[NDArray[np.uint8]],
+    max_batch: int,
+    device: torch.device,
+    run: Callable[[torch.Tensor], NDArray[ArrayT]],
+) -> list[NDArray[ArrayT]]:
+    """``run`` on stacks of at most ``max_batch`` same-shape (H, W, 3) images (uint8 on
+    ``device``); its per-image outputs come back in the input order."""
+    out: list[NDArray[ArrayT] | None] = [None] * len(images)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), max_batch):
+            chunk = indices[start : start + max_batch]
+            results = run(torch.from_numpy(np.stack([images[i] for i in chunk])).to(device))
+            for i, result in zip(chunk, results):
+                out[i] = np.ascontiguousarray(result)
+    return [r for r in out if r is not None]
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -148,20 +171,13 @@ class AttentionSegmenter:
         """Attention maps (H, W) float32 in [0, 1] of several tiles, batched by shape."""
         self._check_mpp(mpp)
         prepared = [self._prepare(t, stats) for t in tiles]
-        out: list[NDArray[np.float32] | None] = [None] * len(prepared)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(prepared):
-            by_shape.setdefault(p.shape, []).append(i)
         fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        for indices in by_shape.values():
-            for start in range(0, len(indices), self._max_batch):
-                chunk = indices[start : start + self._max_batch]
-                batch = torch.from_numpy(np.stack([prepared[i] for i in chunk])).to(self.device)
-                x = imagenet_normalize(batch.permute(0, 3, 1, 2)).contiguous(memory_format=fmt)
-                maps = self._forward_tta(x)[:, 0].clamp(0.0, 1.0).cpu().numpy()
-                for i, m in zip(chunk, maps):
-                    out[i] = np.ascontiguousarray(m, dtype=np.float32)
-        return [m for m in out if m is not None]
+
+        def run(batch: torch.Tensor) -> NDArray[np.float32]:
+            x = imagenet_normalize(batch.permute(0, 3, 1, 2)).contiguous(memory_format=fmt)
+            return np.asarray(self._forward_tta(x)[:, 0].clamp(0.0, 1.0).cpu().numpy(), dtype=np.float32)
+
+        return batched_by_shape(prepared, self._max_batch, self.device, run)
 
     def attention_map(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.float32]:
         """Attention map (H, W) float32 in [0, 1] of one tile at ``mpp`` µm/px."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from .attention import MAX_NUCLEUS_RADIUS_UM, apply_stain_stats, file_sha256, stain_stats
+from .attention import MAX_NUCLEUS_RADIUS_UM, apply_stain_stats, batched_by_shape, file_sha256, stain_stats
 from .normalize import imagenet_normalize
 from .segmenters import SlideStats
 from .student import load_student, probabilities_to_instances
@@ -81,18 +81,11 @@ class StudentSegmenter:
         """(3, H, W) float16 class probabilities of several tiles, batched by shape."""
         self._check_mpp(mpp)
         prepared = [apply_stain_stats(t, stats) for t in tiles]
-        out: list[NDArray[np.float16] | None] = [None] * len(prepared)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(prepared):
-            by_shape.setdefault(p.shape, []).append(i)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), self._max_batch):
-                chunk = indices[start : start + self._max_batch]
-                batch = torch.from_numpy(np.stack([prepared[i] for i in chunk])).to(self.device)
-                probs = self._probs(imagenet_normalize(batch.permute(0, 3, 1, 2))).half().cpu().numpy()
-                for i, p in zip(chunk, probs):
-                    out[i] = np.ascontiguousarray(p)
-        return [p for p in out if p is not None]
+
+        def run(batch: torch.Tensor) -> NDArray[np.float16]:
+            return np.asarray(self._probs(imagenet_normalize(batch.permute(0, 3, 1, 2))).half().cpu().numpy())
+
+        return batched_by_shape(prepared, self._max_batch, self.device, run)
 
     def predict(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.float16]:
         """Class probabilities (3, H, W) of one tile (the network part)."""
