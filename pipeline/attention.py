@@ -101,7 +101,8 @@ def batched_by_shape(
     return [r for r in out if r is not None]
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available, else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -126,7 +127,7 @@ class AttentionSegmenter:
         meta = read_metadata(weights_path)
         self._net = load_weights(weights_path)
         self.model_id = file_sha256(weights_path)[:16]
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         self.tta = bool(tta)
         self.threshold = float(threshold)
         self.stain_norm = meta.get("stain_norm", "true").lower() != "false"

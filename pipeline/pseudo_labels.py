@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
 from .errors import ConfigError
-from .instances import component_watershed, split_instances
+from .instances import component_watershed, disk_footprint, split_instances
 
 IGNORE_LABEL = 255
 RECIPES = ("attention", "attention_h", "consensus", "classical")
@@ -56,11 +56,6 @@ class PseudoLabelConfig:
             raise ConfigError("grow_um, boundary_um and ring_um must be >= 0")
 
 
-def _disk(radius_px: int) -> NDArray[np.bool_]:
-    y, x = np.ogrid[-radius_px : radius_px + 1, -radius_px : radius_px + 1]
-    return np.asarray(x * x + y * y <= radius_px * radius_px, dtype=bool)
-
-
 def grow_into(
     seeds: NDArray[np.int32], allowed: NDArray[np.bool_], radius_px: int, landscape: NDArray[np.floating]
 ) -> NDArray[np.int32]:
@@ -68,7 +63,7 @@ def grow_into(
     on ``landscape``); pixels reachable from several seeds go to the lower-landscape flood."""
     if radius_px < 1 or not seeds.any():
         return seeds
-    reach = ndi.binary_dilation(seeds > 0, structure=_disk(radius_px)) & allowed
+    reach = ndi.binary_dilation(seeds > 0, structure=disk_footprint(radius_px)) & allowed
     region = reach | (seeds > 0)
     components, _ = ndi.label(region, structure=_EIGHT)
     return component_watershed(landscape, seeds.astype(np.int32), components)
@@ -77,15 +72,16 @@ def grow_into(
 def instance_targets(
     labels: NDArray[np.integer], background: NDArray[np.bool_], mpp: float, config: PseudoLabelConfig
 ) -> NDArray[np.uint8]:
-    """Class targets from pseudo-instances and a confident-background mask."""
+    """Class targets from pseudo-instances and a confident-background mask (nuclei and the
+    ignored ring around them take precedence over ``background``)."""
     labels = np.asarray(labels)
-    target = np.full(labels.shape, 255, dtype=np.uint8)
+    target = np.full(labels.shape, IGNORE_LABEL, dtype=np.uint8)
     target[background] = 0
     nucleus = labels > 0
     ring = max(0, int(round(config.ring_um / mpp)))
     if ring:
-        near = ndi.binary_dilation(nucleus, structure=_disk(ring)) & ~nucleus
-        target[near] = 255
+        near = ndi.binary_dilation(nucleus, structure=disk_footprint(ring)) & ~nucleus
+        target[near] = IGNORE_LABEL
     width = max(1, int(round(config.boundary_um / mpp)))
     # Boundary: pixels whose neighbourhood holds another label (background or nucleus).
     hi = ndi.maximum_filter(labels, size=2 * width + 1, mode="nearest")
@@ -107,25 +103,24 @@ def pseudo_targets(
     haematoxylin foreground ``h_mask`` (the classical segmenter's mask), at ``mpp``."""
     if attention.shape != h_mask.shape:
         raise ValueError(f"attention {attention.shape} and mask {h_mask.shape} differ")
+    if config.recipe in ("classical", "consensus") and classical_labels is None:
+        raise ConfigError(f"the {config.recipe} recipe needs the classical instance labels")
     if config.recipe == "classical":
-        if classical_labels is None:
-            raise ConfigError("the classical recipe needs the classical instance labels")
-        labels = np.asarray(classical_labels, dtype=np.int32)
-        background = ~h_mask
-        return instance_targets(labels, background & (labels == 0), mpp, config)
-    labels = split_instances(attention > config.fg_min, mpp)
-    background = (attention < config.bg_max) & ~h_mask
-    if config.recipe == "consensus":
-        if classical_labels is None:
-            raise ConfigError("the consensus recipe needs the classical instance labels")
-        merged = consensus_instances(labels, np.asarray(classical_labels, dtype=np.int32), attention, config)
-        grown = grow_into(merged, h_mask & (classical_labels == 0), int(round(config.grow_um / mpp)), -attention)
-        return instance_targets(grown, background & (grown == 0), mpp, config)
-    if config.recipe == "attention":
-        background = attention < config.bg_max
-        return instance_targets(labels, background & (labels == 0), mpp, config)
-    grown = grow_into(labels, h_mask, int(round(config.grow_um / mpp)), -attention)
-    return instance_targets(grown, background & (grown == 0), mpp, config)
+        labels, background = np.asarray(classical_labels, dtype=np.int32), ~h_mask
+    else:
+        teacher = split_instances(attention > config.fg_min, mpp)
+        grow_px = int(round(config.grow_um / mpp))
+        if config.recipe == "attention":
+            labels, background = teacher, attention < config.bg_max
+        elif config.recipe == "consensus":
+            classical = np.asarray(classical_labels, dtype=np.int32)
+            merged = consensus_instances(teacher, classical, attention, config)
+            labels = grow_into(merged, h_mask & (classical == 0), grow_px, -attention)
+            background = (attention < config.bg_max) & ~h_mask
+        else:
+            labels = grow_into(teacher, h_mask, grow_px, -attention)
+            background = (attention < config.bg_max) & ~h_mask
+    return instance_targets(labels, background, mpp, config)
 
 
 def consensus_instances(

@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from .errors import ConfigError
 from .normalize import hed_jitter, imagenet_normalize
 from .pseudo_labels import IGNORE_LABEL
-from .student import StudentNet
+from .student import StudentNet, class_probabilities
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,6 @@ def _lr_factor(progress: float, warm: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warm) / (1.0 - warm))))
 
 
-@torch.inference_mode()
 def student_probabilities(
     net: StudentNet, images: Sequence[NDArray[np.uint8]], device: torch.device | str = "cpu", *, tta: bool = False
 ) -> list[NDArray[np.float32]]:
@@ -186,22 +185,7 @@ def student_probabilities(
     dev = torch.device(device)
     net = net.to(dev).eval()
     out: list[NDArray[np.float32]] = []
-    bf16 = dev.type == "cuda"
     for rgb in images:
         x = imagenet_normalize(torch.from_numpy(np.ascontiguousarray(rgb)).to(dev).permute(2, 0, 1)[None])
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-            probs = _tta_probs(net, x) if tta else net.forward_padded(x).float().softmax(dim=1)
-        out.append(probs[0].float().cpu().numpy())
+        out.append(class_probabilities(net, x, tta=tta)[0].cpu().numpy())
     return out
-
-
-def _tta_probs(net: StudentNet, x: torch.Tensor) -> torch.Tensor:
-    total = torch.zeros((x.shape[0], 3, *x.shape[-2:]), device=x.device)
-    for k in range(4):
-        for flip in (False, True):
-            t = torch.rot90(x, k, dims=(-2, -1))
-            t = t.flip(-1) if flip else t
-            p = net.forward_padded(t).float().softmax(dim=1)
-            p = p.flip(-1) if flip else p
-            total += torch.rot90(p, -k, dims=(-2, -1))
-    return total / 8.0

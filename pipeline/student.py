@@ -105,6 +105,22 @@ class StudentNet(nn.Module):
         return 1 + enc + dec
 
 
+@torch.inference_mode()
+def class_probabilities(net: StudentNet, x: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
+    """(B, 3, H, W) float32 class probabilities of an ImageNet-normalised batch (bf16 on
+    CUDA); with ``tta``, the mean over the eight dihedral transforms, each mapped back."""
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        if not tta:
+            return net.forward_padded(x).float().softmax(dim=1)
+        total = torch.zeros((x.shape[0], 3, *x.shape[-2:]), device=x.device)
+        for k in range(4):
+            for flip in (False, True):
+                t = torch.rot90(x, k, dims=(-2, -1))
+                p = net.forward_padded(t.flip(-1) if flip else t).float().softmax(dim=1)
+                total += torch.rot90(p.flip(-1) if flip else p, -k, dims=(-2, -1))
+        return total / 8.0
+
+
 @dataclass(frozen=True)
 class StudentPostprocess:
     """How class probabilities become instances (physical sizes in µm, µm²).

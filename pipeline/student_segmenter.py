@@ -15,10 +15,17 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from .attention import MAX_NUCLEUS_RADIUS_UM, apply_stain_stats, batched_by_shape, file_sha256, stain_stats
+from .attention import (
+    MAX_NUCLEUS_RADIUS_UM,
+    apply_stain_stats,
+    batched_by_shape,
+    file_sha256,
+    pick_device,
+    stain_stats,
+)
 from .normalize import imagenet_normalize
 from .segmenters import SlideStats
-from .student import load_student, probabilities_to_instances
+from .student import class_probabilities, load_student, probabilities_to_instances
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +46,9 @@ class StudentSegmenter:
         net, mpp, post, meta = load_student(weights_path)
         self.model_id = file_sha256(weights_path)[:16]
         self.metadata = meta
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        cuda = self.device.type == "cuda"
+        self.device = pick_device(device)
         self._net = net.to(self.device).eval()
-        self._bf16 = cuda
-        self._max_batch = max_batch if max_batch is not None else (8 if cuda else 2)
+        self._max_batch = max_batch if max_batch is not None else (8 if self.device.type == "cuda" else 2)
         self.tta = bool(tta)
         self.postprocess_params = post
         self.mpp = mpp
@@ -62,19 +67,6 @@ class StudentSegmenter:
             logger.warning("student model trained at %.3f µm/px is run at %.3f µm/px", self.mpp, mpp)
             self._warned_mpp = True
 
-    @torch.inference_mode()
-    def _probs(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
-            if not self.tta:
-                return self._net.forward_padded(x).float().softmax(dim=1)
-            total = torch.zeros((x.shape[0], 3, *x.shape[-2:]), device=x.device)
-            for k in range(4):
-                for flip in (False, True):
-                    t = torch.rot90(x, k, dims=(-2, -1))
-                    p = self._net.forward_padded(t.flip(-1) if flip else t).float().softmax(dim=1)
-                    total += torch.rot90(p.flip(-1) if flip else p, -k, dims=(-2, -1))
-            return total / 8.0
-
     def predict_batch(
         self, tiles: Sequence[NDArray[np.uint8]], mpp: float, stats: SlideStats
     ) -> list[NDArray[np.float16]]:
@@ -83,7 +75,8 @@ class StudentSegmenter:
         prepared = [apply_stain_stats(t, stats) for t in tiles]
 
         def run(batch: torch.Tensor) -> NDArray[np.float16]:
-            return np.asarray(self._probs(imagenet_normalize(batch.permute(0, 3, 1, 2))).half().cpu().numpy())
+            x = imagenet_normalize(batch.permute(0, 3, 1, 2))
+            return np.asarray(class_probabilities(self._net, x, tta=self.tta).half().cpu().numpy())
 
         return batched_by_shape(prepared, self._max_batch, self.device, run)
 
