@@ -112,6 +112,7 @@ class AttentionSegmenter:
     """Segmenter protocol implementation around a trained network F (safetensors weights)."""
 
     name = "attention"
+    grid_px = 1
 
     def __init__(
         self,

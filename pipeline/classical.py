@@ -114,6 +114,7 @@ class ClassicalSegmenter:
     """Haematoxylin colour deconvolution, one global Otsu threshold, distance watershed."""
 
     name = "classical"
+    grid_px = 1
 
     def __init__(self, params: ClassicalParams | None = None) -> None:
         self.params = params if params is not None else ClassicalParams()

@@ -145,8 +145,7 @@ def prepare_slide(
             mask = tissue_mask(slide.thumbnail(config.tissue_mpp), config.tissue_mpp)
             area_mm2 = tissue_area_mm2(mask, config.tissue_mpp)
             stats = segmenter.fit(fit_view(slide, mask, config.tissue_mpp, seg_mpp), seg_mpp)
-            grid_px = int(getattr(segmenter, "grid_px", 1))
-            tiles_cfg = config.tiles(math.ceil(segmenter.context_um / seg_mpp), grid_px)
+            tiles_cfg = config.tiles(math.ceil(segmenter.context_um / seg_mpp), segmenter.grid_px)
             plan = plan_tiles(
                 info.width_px, info.height_px, seg_mpp / info.mpp, tiles_cfg, mask, config.tissue_mpp / info.mpp
             )

@@ -40,6 +40,9 @@ class Segmenter(Protocol):
     #: µm of context a tile needs on each side of its core for the core's nuclei to be
     #: exact: half the receptive field plus the radius of the largest nucleus.
     context_um: float
+    #: Tile windows must start on multiples of this many working pixels for the output to
+    #: depend only on the pixels (1 for most; 8 for a U-Net that pools three times).
+    grid_px: int
 
     def fit(self, rgb: NDArray[np.uint8], mpp: float) -> SlideStats:
         """Compute per-slide statistics from a (low-resolution) RGB view of the tissue."""

@@ -28,6 +28,7 @@ class ComponentSegmenter:
     model_id = "test"
     mpp = 0.25
     context_um = 8.0
+    grid_px = 1
 
     def fit(self, rgb: np.ndarray, mpp: float) -> SlideStats:
         return SlideStats({})
