@@ -18,8 +18,8 @@ import pyarrow as pa
 import ray
 from numpy.typing import NDArray
 
-from ..pipeline.config import ExtractConfig
-from ..pipeline.extract import (
+from ..pipeline.extraction.config import ExtractConfig
+from ..pipeline.extraction.extract import (
     PreparedSlide,
     SlideFailure,
     SlideSink,
@@ -29,7 +29,8 @@ from ..pipeline.extract import (
     read_tiles,
     reopen_slide,
 )
-from ..pipeline.segmenters import Segmenter, SlideStats, make_segmenter
+from ..pipeline.segmentation.protocol import Segmenter, SlideStats
+from ..pipeline.segmentation.registry import make_segmenter
 
 Timings = dict[str, float]
 

@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests package (synthetic slides)
 
 
 def child(slide: str, out: str, segmenter: str, tile_px: int) -> None:
     """Extract one slide and print its record and peak RSS as JSON (runs in the child)."""
-    from nucleiscope.pipeline.config import ExtractConfig
-    from nucleiscope.pipeline.extract import extract_slide
-    from nucleiscope.pipeline.segmenters import make_segmenter
+    from nucleiscope.pipeline.extraction.config import ExtractConfig
+    from nucleiscope.pipeline.extraction.extract import extract_slide
+    from nucleiscope.pipeline.segmentation.registry import make_segmenter
 
     config = ExtractConfig(segmenter=segmenter, tile_px=tile_px)
     record = extract_slide(slide, out, config, make_segmenter(segmenter))
@@ -73,7 +74,7 @@ def main() -> int:
     if args.child:
         child(args.child, args.out, args.segmenter, args.tile_px)
         return 0
-    from nucleiscope.pipeline.synthetic import write_synthetic_slide
+    from tests.synthetic import write_synthetic_slide
 
     real = args.real or next(
         (str(p) for p in (REPO.parent / "shared/data/slides/CMU-1-Small-Region.svs",

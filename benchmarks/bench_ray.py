@@ -27,11 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package (synthetic slides)
+
 PLASMA = re.compile(r"Plasma memory usage (\d+) MiB")
 
 
 def synth_cohort(folder: Path, count: int, edge_px: int) -> list[str]:
-    from nucleiscope.pipeline.synthetic import write_synthetic_slide
+    from tests.synthetic import write_synthetic_slide
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -70,10 +72,10 @@ def gpu_report(slides: list[str], model: str) -> None:
     import torch
 
     from nucleiscope.jobs.run_ray import RayOptions, run_cohort_ray
-    from nucleiscope.pipeline.config import ExtractConfig
-    from nucleiscope.pipeline.inputs import SlideInput
-    from nucleiscope.pipeline.model import AttentionNet
-    from nucleiscope.pipeline.segmenters import make_segmenter
+    from nucleiscope.pipeline.extraction.config import ExtractConfig
+    from nucleiscope.pipeline.networks.attention_net import AttentionNet
+    from nucleiscope.pipeline.segmentation.registry import make_segmenter
+    from nucleiscope.pipeline.slides.inputs import SlideInput
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gpu_forward import time_forward
@@ -108,9 +110,9 @@ def child(slides: list[str], cpus: int, sample: bool) -> None:
     from ray._private.internal_api import memory_summary
 
     from nucleiscope.jobs.run_ray import RayCohort, RayOptions, run_cohort_ray
-    from nucleiscope.pipeline.config import ExtractConfig
-    from nucleiscope.pipeline.inputs import SlideInput
-    from nucleiscope.pipeline.segmenters import make_segmenter
+    from nucleiscope.pipeline.extraction.config import ExtractConfig
+    from nucleiscope.pipeline.segmentation.registry import make_segmenter
+    from nucleiscope.pipeline.slides.inputs import SlideInput
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     samples: list[tuple[float, float]] = []

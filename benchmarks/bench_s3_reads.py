@@ -43,12 +43,10 @@ import tifffile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from nucleiscope.pipeline.slides.slide import Slide  # noqa: E402
+from nucleiscope.pipeline.tiling.plan import TileConfig, plan_tiles  # noqa: E402
+from tests import synthetic  # noqa: E402
 from tests.s3util import FlakyS3Proxy, mirror_of, moto_s3, new_bucket, upload  # noqa: E402
-
-from nucleiscope.pipeline import synthetic  # noqa: E402
-from nucleiscope.pipeline.config import TileConfig  # noqa: E402
-from nucleiscope.pipeline.slide import Slide  # noqa: E402
-from nucleiscope.pipeline.tiling import plan_tiles  # noqa: E402
 
 KIB, MIB = 1 << 10, 1 << 20
 #: name -> extra storage options (s3fs per-filesystem defaults for ``open``).

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import glob
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -28,12 +29,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nucleiscope.pipeline import synthetic
-from nucleiscope.pipeline.scale_tiles import SourceReader, open_source, plan_source, seed_sequence, window_tiles
-from nucleiscope.pipeline.train_config import StreamConfig, TrainConfig, load_job_config
-from nucleiscope.pipeline.training import ScaleTileSampler, TilePool, build_state, train_step
+from nucleiscope.pipeline.common.devices import device_name, enable_fast_math, pick_device
+from nucleiscope.pipeline.training.config import StreamConfig, TrainConfig, load_job_config
+from nucleiscope.pipeline.training.loop import ScaleTileSampler, TilePool, build_state, train_step
+from nucleiscope.pipeline.training.scale_tiles import (
+    SourceReader,
+    open_source,
+    plan_source,
+    seed_sequence,
+    window_tiles,
+)
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests package (synthetic slides)
+from tests import synthetic  # noqa: E402
+
 MONUSEG = REPO.parent / "shared" / "data" / "monuseg-train" / "images"
 
 
@@ -113,7 +123,7 @@ def measure(config: TrainConfig, sampler: ScaleTileSampler | TilePool, device: t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--seconds", type=float, default=20.0, help="least length of a timed window")
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -122,16 +132,13 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["reduced", "reference"], choices=["reduced", "reference"])
     parser.add_argument("--samplers", nargs="+", default=["resident", "stream"], choices=["resident", "stream"])
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_fast_math(device)
     tiny = load_job_config(REPO / "jobs" / "configs" / "train-tiny-cpu.toml")
     configs = {"reduced": (tiny.train, tiny.stream), "reference": (TrainConfig(), StreamConfig())}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = device_name(device) + ("" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)")
     images = _images() if "resident" in args.samplers else []
     with tempfile.TemporaryDirectory() as tmp:
         slide = synthetic.write_synthetic_slide(Path(tmp) / "bench.svs", width_px=6000, height_px=6000, seed=1).path

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from nucleiscope.pipeline.model import AttentionNet
+from nucleiscope.pipeline.common.devices import device_name, enable_fast_math, pick_device
+from nucleiscope.pipeline.networks.attention_net import AttentionNet
 
 
 def time_forward(net: AttentionNet, batch: int, tile_px: int, device: torch.device, repeats: int) -> float:
@@ -37,16 +38,15 @@ def time_forward(net: AttentionNet, batch: int, tile_px: int, device: torch.devi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--tile-px", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = pick_device(args.device)
+    enable_fast_math(device)
     net = AttentionNet().to(device).eval().to(memory_format=torch.channels_last)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     for tile in args.tile_px:
         for batch in args.batch:
             rate = time_forward(net, batch, tile, device, args.repeats)

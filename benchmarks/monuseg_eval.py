@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from nucleiscope.pipeline.classical import ClassicalSegmenter, block_mean
-from nucleiscope.pipeline.metrics import evaluate_pair, read_label_image
+from nucleiscope.pipeline.evaluation.metrics import evaluate_pair, read_label_image
+from nucleiscope.pipeline.segmentation.classical import ClassicalSegmenter, block_mean
 
 NATIVE_MPP = 0.25
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "monuseg-train"

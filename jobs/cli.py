@@ -1,4 +1,4 @@
-"""The ``nucleiscope`` command line: segment, extract, evaluate, demo.
+"""The ``nucleiscope`` command line: segment, extract, evaluate, train, demo.
 
 Exit codes: 0 success; 1 some slides or images failed; 2 bad usage or configuration.
 """
@@ -12,8 +12,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ..pipeline.config import SEGMENTERS, ExtractConfig
-from ..pipeline.errors import ConfigError, NucleiscopeError
+from ..pipeline import __version__
+from ..pipeline.common.errors import ConfigError, NucleiscopeError
+from ..pipeline.extraction.config import SEGMENTERS, ExtractConfig
 
 log = logging.getLogger("nucleiscope")
 
@@ -32,6 +33,7 @@ def _add_segmenter_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nucleiscope", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"nucleiscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="instance labels for plain RGB images (tiles, ROIs)")
@@ -66,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("gt_dir", help="instance-label PNG/TIF or MoNuSeg XML files")
     ev.add_argument("--csv", default=None, help="also write the table to this CSV file")
 
-    train = sub.add_parser("train", help="train the attention model with Ray Train from a TOML job file")
+    train = sub.add_parser("train", help="train the attention model or the student from a TOML job file")
     train.add_argument("--config", required=True, help="TOML job file (examples in jobs/configs/)")
+    train.add_argument("--device", default=None, help="local runners: cuda or cpu (default: cuda if available)")
     train.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray started here (default: all)")
     train.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start one)")
 
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from .train import run_train
 
-            return run_train(args.config, address=args.address, num_cpus=args.num_cpus)
+            return run_train(args.config, address=args.address, num_cpus=args.num_cpus, device=args.device)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -117,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _segmenter_choice(args: argparse.Namespace) -> tuple[str, str | None]:
     """(segmenter name, weights path): named, else implied by --model's file, else the default."""
-    from ..pipeline.segmenters import default_segmenter, segmenter_for_weights, shipped_weights
+    from ..pipeline.segmentation.registry import default_segmenter, segmenter_for_weights, shipped_weights
 
     if args.segmenter:
         return str(args.segmenter), args.model or shipped_weights(str(args.segmenter))
@@ -152,8 +155,8 @@ def run_extract(
     gpus: int | None = None, max_batches: int | None = None,
 ) -> int:
     """Expand the inputs, run the cohort (on Ray unless ``local``), print the outcome."""
-    from ..pipeline.inputs import expand_inputs, redact, with_s3_retries
-    from ..pipeline.segmenters import make_segmenter
+    from ..pipeline.segmentation.registry import make_segmenter
+    from ..pipeline.slides.inputs import expand_inputs, redact, with_s3_retries
 
     config = replace(config, storage_options=with_s3_retries(config.storage_options, [*slides, out]))
     items = expand_inputs(slides, storage_options=config.storage_options)
@@ -177,7 +180,7 @@ def run_extract(
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ..pipeline.metrics import evaluate_dirs
+    from ..pipeline.evaluation.metrics import evaluate_dirs
 
     table = evaluate_dirs(args.pred_dir, args.gt_dir)
     if args.csv:

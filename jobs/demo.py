@@ -17,8 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..pipeline.config import ExtractConfig
-from ..pipeline.errors import DemoDataError
+from ..pipeline.common.errors import DemoDataError
+from ..pipeline.extraction.config import ExtractConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def run_demo(out: str, *, segmenter: str | None = None) -> int:
     """Extract the demo slide into ``out`` and print a one-line summary."""
     import pandas as pd
 
-    from ..pipeline.segmenters import default_segmenter, shipped_weights
+    from ..pipeline.segmentation.registry import default_segmenter, shipped_weights
     from .cli import run_extract
 
     slide = demo_slide()

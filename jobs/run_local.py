@@ -15,11 +15,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..pipeline.config import ExtractConfig
-from ..pipeline.errors import ConfigError, NucleiscopeError
-from ..pipeline.extract import SlideFailure, config_hash, extract_slide
-from ..pipeline.inputs import SlideInput, redact, redacted_options
-from ..pipeline.outputs import (
+from ..pipeline.common.errors import ConfigError, NucleiscopeError
+from ..pipeline.extraction.config import ExtractConfig
+from ..pipeline.extraction.extract import SlideFailure, config_hash, extract_slide
+from ..pipeline.measure.outputs import (
     clear_failure_record,
     consolidate,
     package_versions,
@@ -28,7 +27,8 @@ from ..pipeline.outputs import (
     write_failure_record,
     write_run_json,
 )
-from ..pipeline.segmenters import Segmenter
+from ..pipeline.segmentation.protocol import Segmenter
+from ..pipeline.slides.inputs import SlideInput, redact, redacted_options
 
 log = logging.getLogger(__name__)
 

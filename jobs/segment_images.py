@@ -12,33 +12,15 @@ import tifffile
 from numpy.typing import NDArray
 from skimage.transform import resize
 
-from ..pipeline.errors import NucleiscopeError, SlideFormatError
-from ..pipeline.segmenters import Segmenter, make_segmenter
+from ..pipeline.common.errors import NucleiscopeError
+from ..pipeline.common.images import read_rgb
+from ..pipeline.segmentation.protocol import Segmenter
+from ..pipeline.segmentation.registry import make_segmenter
 
 log = logging.getLogger(__name__)
 
 #: Relative mismatch between image and segmenter µm/px tolerated without resampling.
 MPP_TOLERANCE = 0.05
-
-
-def read_rgb(path: str) -> NDArray[np.uint8]:
-    """An image file as RGB uint8 (alpha dropped, grey expanded)."""
-    try:
-        if path.lower().endswith((".tif", ".tiff")):
-            image = tifffile.imread(path)
-        else:
-            from skimage.io import imread
-
-            image = imread(path)
-    except (OSError, ValueError) as exc:
-        raise SlideFormatError(path, f"not a readable image ({exc})") from exc
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
-    if image.ndim != 3 or image.shape[2] < 3:
-        raise SlideFormatError(path, f"expected an RGB image, got shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise SlideFormatError(path, f"expected 8-bit RGB, got {image.dtype}")
-    return np.ascontiguousarray(image[..., :3])
 
 
 def segment_image(rgb: NDArray[np.uint8], mpp: float, segmenter: Segmenter) -> NDArray[np.int32]:

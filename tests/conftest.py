@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nucleiscope.pipeline import synthetic
-from nucleiscope.pipeline.synthetic import SyntheticTruth
+from tests import synthetic
+from tests.synthetic import SyntheticTruth
 
 from .s3util import AWS_VARS_TO_CLEAR, FlakyS3Proxy, S3Endpoint, moto_s3, new_bucket, patched_environ
 

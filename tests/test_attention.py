@@ -10,10 +10,7 @@ import pytest
 import torch
 from numpy.typing import NDArray
 
-from nucleiscope.pipeline.attention import AttentionSegmenter
-from nucleiscope.pipeline.errors import ModelError
-from nucleiscope.pipeline.model import AttentionNet, save_weights
-from nucleiscope.pipeline.normalize import (
+from nucleiscope.pipeline.color.normalize import (
     TARGET_LAB_MEAN,
     TARGET_LAB_STD,
     lab_to_rgb,
@@ -23,8 +20,10 @@ from nucleiscope.pipeline.normalize import (
     to_normalized_tensor,
     white_level,
 )
-from nucleiscope.pipeline.segmenters import Segmenter, SlideStats
-
+from nucleiscope.pipeline.common.errors import ModelError
+from nucleiscope.pipeline.networks.attention_net import AttentionNet, save_weights
+from nucleiscope.pipeline.segmentation.attention import AttentionSegmenter
+from nucleiscope.pipeline.segmentation.protocol import Segmenter, SlideStats
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -10,10 +10,10 @@ import tifffile
 from scipy import ndimage as ndi
 from skimage.draw import disk as draw_disk
 
-from nucleiscope.pipeline.classical import THRESHOLD_KEY, ClassicalParams, ClassicalSegmenter, block_mean
-from nucleiscope.pipeline.errors import ConfigError
-from nucleiscope.pipeline.metrics import aji, read_label_image
-from nucleiscope.pipeline.segmenters import Segmenter, SlideStats
+from nucleiscope.pipeline.common.errors import ConfigError
+from nucleiscope.pipeline.evaluation.metrics import aji, read_label_image
+from nucleiscope.pipeline.segmentation.classical import THRESHOLD_KEY, ClassicalParams, ClassicalSegmenter, block_mean
+from nucleiscope.pipeline.segmentation.protocol import Segmenter, SlideStats
 
 MONUSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg-train"
 PINK = (236, 172, 206)

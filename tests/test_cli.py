@@ -12,7 +12,7 @@ import tifffile
 
 from nucleiscope.jobs import demo
 from nucleiscope.jobs.cli import main
-from nucleiscope.pipeline.synthetic import SyntheticTruth
+from tests.synthetic import SyntheticTruth
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -37,10 +38,10 @@ import pandas as pd
 import pytest
 
 from nucleiscope.jobs.run_local import run_cohort_local
-from nucleiscope.pipeline.config import ExtractConfig
-from nucleiscope.pipeline.inputs import SlideInput
-from nucleiscope.pipeline.segmenters import make_segmenter
-from nucleiscope.pipeline.synthetic import SyntheticTruth, write_synthetic_slide
+from nucleiscope.pipeline.extraction.config import ExtractConfig
+from nucleiscope.pipeline.segmentation.registry import make_segmenter
+from nucleiscope.pipeline.slides.inputs import SlideInput
+from tests.synthetic import SyntheticTruth, write_synthetic_slide
 
 from .s3util import S3Endpoint, upload
 
@@ -107,10 +108,17 @@ def node_args(temp_dir: Path, num_cpus: int = NODE_CPUS) -> list[str]:
     return args
 
 
+def ray_executable() -> str:
+    """The ``ray`` script of this interpreter's environment (``venv/bin/python -m pytest`` works
+    without an activated venv), else the one on PATH."""
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else shutil.which("ray") or "ray"
+
+
 def start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """``ray start ... --block`` in a process group of its own (so teardown reaches every child)."""
     with log.open("wb") as out:
-        return subprocess.Popen([shutil.which("ray") or "ray", "start", *args], env=env, stdout=out,
+        return subprocess.Popen([ray_executable(), "start", *args], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 

@@ -12,12 +12,13 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from nucleiscope.pipeline.config import ExtractConfig
-from nucleiscope.pipeline.extract import SlideFailure, extract_slide
-from nucleiscope.pipeline.errors import SlideFormatError
-from nucleiscope.pipeline.outputs import consolidate
-from nucleiscope.pipeline.segmenters import Segmenter, SlideStats, make_segmenter
-from nucleiscope.pipeline.synthetic import SyntheticTruth
+from nucleiscope.pipeline.common.errors import SlideFormatError
+from nucleiscope.pipeline.extraction.config import ExtractConfig
+from nucleiscope.pipeline.extraction.extract import SlideFailure, extract_slide
+from nucleiscope.pipeline.measure.outputs import consolidate
+from nucleiscope.pipeline.segmentation.protocol import Segmenter, SlideStats
+from nucleiscope.pipeline.segmentation.registry import make_segmenter
+from tests.synthetic import SyntheticTruth
 
 
 class ComponentSegmenter:
@@ -177,8 +178,8 @@ def test_attention_segmenter_through_extract(synthetic_slide: SyntheticTruth, tm
     """The attention path end to end with a tiny untrained F: plumbing, model id, overlap."""
     import torch
 
-    from nucleiscope.pipeline.attention import file_sha256
-    from nucleiscope.pipeline.model import AttentionNet, save_weights
+    from nucleiscope.pipeline.networks.attention_net import AttentionNet, save_weights
+    from nucleiscope.pipeline.segmentation.attention import file_sha256
 
     torch.manual_seed(0)
     weights = tmp_path / "tiny.safetensors"

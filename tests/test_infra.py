@@ -321,7 +321,7 @@ def test_extract_entrypoint_is_a_valid_command_on_s3() -> None:
 
 def test_train_entrypoint_reads_the_mounted_job_file() -> None:
     from nucleiscope.jobs.cli import build_parser
-    from nucleiscope.pipeline.train_config import load_job_config
+    from nucleiscope.pipeline.training.config import load_job_config
 
     spec = rayjob("nucleiscope-train")["spec"]
     argv = shlex.split(spec["entrypoint"])

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nucleiscope.pipeline.errors import ConfigError
-from nucleiscope.pipeline.inputs import (
+from nucleiscope.pipeline.common.errors import ConfigError
+from nucleiscope.pipeline.slides.inputs import (
     S3_RETRY_ATTEMPTS,
     SlideInput,
     expand_inputs,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk as draw_disk
 
-from nucleiscope.pipeline.instances import (
+from nucleiscope.pipeline.segmentation.instances import (
     distance_watershed,
     fill_small_holes,
     filter_by_area,

@@ -10,8 +10,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from nucleiscope.pipeline.errors import NucleiscopeError
-from nucleiscope.pipeline.metrics import (
+from nucleiscope.pipeline.common.errors import NucleiscopeError
+from nucleiscope.pipeline.evaluation.metrics import (
     aji,
     dice,
     evaluate_dirs,

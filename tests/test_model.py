@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nucleiscope.pipeline.errors import ModelError
-from nucleiscope.pipeline.model import (
+from nucleiscope.pipeline.common.errors import ModelError
+from nucleiscope.pipeline.networks.attention_net import (
     TRANSFORMS,
     AttentionNet,
     ScaleClassifier,

@@ -12,8 +12,8 @@ import pytest
 import shapely
 from skimage.draw import disk, ellipse
 
-from nucleiscope.pipeline.morphometrics import NUCLEI_SCHEMA, measure_nuclei
-from nucleiscope.pipeline.stain import rgb_to_hed_od
+from nucleiscope.pipeline.color.stain import rgb_to_hed_od
+from nucleiscope.pipeline.measure.morphometrics import NUCLEI_SCHEMA, measure_nuclei
 
 MPP = 0.25
 SCALE = 2.0

@@ -22,9 +22,9 @@ import shapely
 from PIL import Image
 from skimage.draw import disk
 
-from nucleiscope.pipeline.errors import OutputError
-from nucleiscope.pipeline.morphometrics import NUCLEI_SCHEMA, measure_nuclei
-from nucleiscope.pipeline.outputs import (
+from nucleiscope.pipeline.common.errors import OutputError
+from nucleiscope.pipeline.measure.morphometrics import NUCLEI_SCHEMA, measure_nuclei
+from nucleiscope.pipeline.measure.outputs import (
     FAILURES_SCHEMA,
     NucleiWriter,
     QcCanvas,
@@ -36,7 +36,7 @@ from nucleiscope.pipeline.outputs import (
     write_run_json,
     write_slide_record,
 )
-from nucleiscope.pipeline.summary import SLIDES_SCHEMA, SUMMARY_STATS, SlideSummary
+from nucleiscope.pipeline.measure.summary import SLIDES_SCHEMA, SUMMARY_STATS, SlideSummary
 
 
 def nuclei(

@@ -12,11 +12,11 @@ import pytest
 
 from nucleiscope.jobs.run_local import run_cohort_local
 from nucleiscope.jobs.run_ray import RayCohort, RayOptions, run_cohort_ray
-from nucleiscope.pipeline.config import ExtractConfig
-from nucleiscope.pipeline.errors import ConfigError
-from nucleiscope.pipeline.inputs import SlideInput
-from nucleiscope.pipeline.segmenters import make_segmenter
-from nucleiscope.pipeline.synthetic import SyntheticTruth, write_synthetic_slide
+from nucleiscope.pipeline.common.errors import ConfigError
+from nucleiscope.pipeline.extraction.config import ExtractConfig
+from nucleiscope.pipeline.segmentation.registry import make_segmenter
+from nucleiscope.pipeline.slides.inputs import SlideInput
+from tests.synthetic import SyntheticTruth, write_synthetic_slide
 
 CONFIG = ExtractConfig(tile_px=512)
 OPTIONS = RayOptions(tiles_per_batch=2, max_slides=2, max_batches=4)

@@ -10,11 +10,10 @@ import pandas as pd
 import pytest
 
 from nucleiscope.jobs.cli import run_extract
-from nucleiscope.pipeline.config import ExtractConfig
-from nucleiscope.pipeline.synthetic import SyntheticTruth
+from nucleiscope.pipeline.extraction.config import ExtractConfig
+from tests.synthetic import SyntheticTruth
 
 from .s3util import FlakyS3Proxy, S3Endpoint, moto_s3, new_bucket, put_bytes, upload
-
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -6,7 +6,7 @@ import pytest
 
 from nucleiscope.actors.resources import WorkerResources
 from nucleiscope.jobs.run_ray import RayOptions
-from nucleiscope.pipeline.errors import ConfigError
+from nucleiscope.pipeline.common.errors import ConfigError
 
 
 def test_requests_follow_the_cluster() -> None:

@@ -18,19 +18,19 @@ import pyarrow.parquet as pq
 import pytest
 from skimage.draw import disk
 
-from nucleiscope.pipeline.config import ExtractConfig
-from nucleiscope.pipeline.errors import ConfigError, OutputError, SlideError
-from nucleiscope.pipeline.inputs import SlideInput, expand_inputs
-from nucleiscope.pipeline.morphometrics import measure_nuclei
-from nucleiscope.pipeline.outputs import (
+from nucleiscope.pipeline.common.errors import ConfigError, OutputError, SlideError
+from nucleiscope.pipeline.extraction.config import ExtractConfig
+from nucleiscope.pipeline.measure.morphometrics import measure_nuclei
+from nucleiscope.pipeline.measure.outputs import (
     NucleiWriter,
     consolidate,
     write_failure_record,
     write_run_json,
     write_slide_record,
 )
-from nucleiscope.pipeline.slide import Slide
-from nucleiscope.pipeline.synthetic import SyntheticTruth
+from nucleiscope.pipeline.slides.inputs import SlideInput, expand_inputs
+from nucleiscope.pipeline.slides.slide import Slide
+from tests.synthetic import SyntheticTruth
 
 from .s3util import FlakyS3Proxy, S3Endpoint, put_bytes, storage_options_for, upload
 
@@ -115,8 +115,8 @@ def test_aws_environment_is_used_when_no_options_are_given(
     prefix = s3_slide.rsplit("/", 1)[0] + "/"
     code = (
         "import sys\n"
-        "from nucleiscope.pipeline.inputs import expand_inputs\n"
-        "from nucleiscope.pipeline.slide import Slide\n"
+        "from nucleiscope.pipeline.slides.inputs import expand_inputs\n"
+        "from nucleiscope.pipeline.slides.slide import Slide\n"
         "[item] = expand_inputs([sys.argv[1]])\n"
         "with Slide.open(item.uri) as s:\n"
         "    print(item.slide_id, s.info.width_px, int(s.read_region(900, 700, 64, 64, 0.5).sum()))\n"

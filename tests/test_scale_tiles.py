@@ -13,10 +13,11 @@ from numpy.typing import NDArray
 from PIL import Image
 from scipy import ndimage as ndi
 
-from nucleiscope.pipeline import synthetic
-from nucleiscope.pipeline.errors import ConfigError, UnknownResolutionError
-from nucleiscope.pipeline.normalize import reinhard_normalize
-from nucleiscope.pipeline.scale_tiles import (
+from nucleiscope.pipeline.color.normalize import reinhard_normalize
+from nucleiscope.pipeline.common.errors import ConfigError, UnknownResolutionError
+from nucleiscope.pipeline.slides.slide import Slide
+from nucleiscope.pipeline.training.loop import TilePool, TrainConfig
+from nucleiscope.pipeline.training.scale_tiles import (
     ImageReader,
     SlideReader,
     open_source,
@@ -25,9 +26,8 @@ from nucleiscope.pipeline.scale_tiles import (
     seed_sequence,
     window_tiles,
 )
-from nucleiscope.pipeline.slide import Slide
-from nucleiscope.pipeline.synthetic import SyntheticTruth
-from nucleiscope.pipeline.training import TilePool, TrainConfig
+from tests import synthetic
+from tests.synthetic import SyntheticTruth
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 SCALES = (1.0, 0.5, 0.25)  # µm/px by label
@@ -119,7 +119,7 @@ def test_the_one_filter_matches_the_resident_sampler() -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (100, 80, 3), dtype=np.uint8)
     assert resample_rgb(rgb, 0.25, 1.0).shape == (25, 20, 3)
     assert np.array_equal(resample_rgb(rgb, 0.25, 0.25), rgb)
-    from nucleiscope.pipeline.training import ScaleTileSampler
+    from nucleiscope.pipeline.training.loop import ScaleTileSampler
 
     sampler = ScaleTileSampler([rgb], 0.25, TrainConfig(crop_px=8, pad_min_px=0, stain_norm=False))
     assert np.array_equal(sampler.pack[0, :25, :20].numpy(), resample_rgb(rgb, 0.25, 1.0))
@@ -144,8 +144,12 @@ def test_tile_pool_fills_a_ring_per_scale_and_draws_balanced_batches() -> None:
 
 
 def test_streamed_tiles_teach_the_scale_classifier(synthetic_slide: SyntheticTruth) -> None:
-    """A few dozen steps on pool batches refreshed from slide windows lower the loss."""
-    from nucleiscope.pipeline.training import build_state, metrics_to_floats, train_step
+    """Training on pool batches refreshed from slide windows lowers the loss and learns the scale.
+
+    150 steps, judged on the mean of the last 30: a 40-step run that barely cleared the
+    thresholds ended at scale_acc 0.48 on some processors (their floating-point kernels
+    differ), which says nothing about the sampler."""
+    from nucleiscope.pipeline.training.loop import build_state, metrics_to_floats, train_step
 
     cfg = TrainConfig(batch_size=6, crop_px=32, pad_min_px=48, f_width=8, f_dilations=(1, 2, 3), g_width=8,
                       g_blocks=(1, 1, 1, 1), lr=1e-3, seed=1)  # fmt: skip
@@ -161,12 +165,12 @@ def test_streamed_tiles_teach_the_scale_classifier(synthetic_slide: SyntheticTru
         refresh()
     state = build_state(cfg)
     history = []
-    for step in range(40):
+    for step in range(150):
         if step % 2 == 0:
             refresh()
         history.append(metrics_to_floats(train_step(state, *pool.sample(6, state.generator))))
     reader.close()
     first = np.mean([h["loss_total"] for h in history[:10]])
-    last = np.mean([h["loss_total"] for h in history[-10:]])
+    last = np.mean([h["loss_total"] for h in history[-30:]])
     assert last < first - 0.1, (first, last)
-    assert np.mean([h["scale_acc"] for h in history[-10:]]) > 0.6
+    assert np.mean([h["scale_acc"] for h in history[-30:]]) > 0.6

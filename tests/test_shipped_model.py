@@ -11,13 +11,13 @@ import tifffile
 from scipy.spatial import cKDTree
 from skimage.io import imread
 
-from nucleiscope.pipeline import synthetic
-from nucleiscope.pipeline.config import ExtractConfig
-from nucleiscope.pipeline.extract import extract_slide
-from nucleiscope.pipeline.metrics import evaluate_pair
-from nucleiscope.pipeline.outputs import consolidate
-from nucleiscope.pipeline.segmenters import default_segmenter, make_segmenter, shipped_weights
-from nucleiscope.pipeline.student_segmenter import StudentSegmenter
+from nucleiscope.pipeline.evaluation.metrics import evaluate_pair
+from nucleiscope.pipeline.extraction.config import ExtractConfig
+from nucleiscope.pipeline.extraction.extract import extract_slide
+from nucleiscope.pipeline.measure.outputs import consolidate
+from nucleiscope.pipeline.segmentation.registry import default_segmenter, make_segmenter, shipped_weights
+from nucleiscope.pipeline.segmentation.student import StudentSegmenter
+from tests import synthetic
 
 
 def test_the_shipped_student_is_the_default() -> None:
@@ -90,7 +90,7 @@ def test_student_on_ray_matches_in_process(small_slide: synthetic.SyntheticTruth
     shipped to CPU post-processing tasks) gives the in-process nuclei."""
     from nucleiscope.jobs.run_local import run_cohort_local
     from nucleiscope.jobs.run_ray import RayOptions, run_cohort_ray
-    from nucleiscope.pipeline.inputs import SlideInput
+    from nucleiscope.pipeline.slides.inputs import SlideInput
 
     config = ExtractConfig(segmenter="student", model_path=shipped_weights("student"), tile_px=512)
     cohort = [SlideInput(small_slide.path, "small", None)]

@@ -15,9 +15,7 @@ import tifffile
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
-from nucleiscope.pipeline import synthetic
-from nucleiscope.pipeline.brightfield import brightfield_stats, check_brightfield
-from nucleiscope.pipeline.errors import (
+from nucleiscope.pipeline.common.errors import (
     ConfigError,
     NotBrightfieldError,
     SlideError,
@@ -26,8 +24,10 @@ from nucleiscope.pipeline.errors import (
     SlideSizeError,
     UnknownResolutionError,
 )
-from nucleiscope.pipeline.slide import Slide, slide_id_from_uri
-from nucleiscope.pipeline.synthetic import SyntheticTruth
+from nucleiscope.pipeline.slides.brightfield import brightfield_stats, check_brightfield
+from nucleiscope.pipeline.slides.slide import Slide, slide_id_from_uri
+from tests import synthetic
+from tests.synthetic import SyntheticTruth
 
 
 def _level_pixels(truth: SyntheticTruth, level: int) -> NDArray[np.uint8]:

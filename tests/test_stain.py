@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nucleiscope.pipeline.stain import STAIN_OD_VECTORS, hematoxylin_od, rgb_to_hed_od, rgb_to_od
+from nucleiscope.pipeline.color.stain import STAIN_OD_VECTORS, hematoxylin_od, rgb_to_hed_od, rgb_to_od
 
 
 def _pixel(rgb: tuple[int, int, int]) -> np.ndarray:

@@ -8,17 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from nucleiscope.pipeline.config import ExtractConfig
-from nucleiscope.pipeline.errors import ConfigError, ModelError
-from nucleiscope.pipeline.model import AttentionNet, save_weights
-from nucleiscope.pipeline.pseudo_labels import IGNORE_LABEL, PseudoLabelConfig, pseudo_targets, target_shares
-from nucleiscope.pipeline.self_training import PseudoLabelSampler, StudentTrainConfig, student_loss, train_student
-from nucleiscope.pipeline.student import (
-    StudentNet,
+from nucleiscope.pipeline.common.errors import ConfigError, ModelError
+from nucleiscope.pipeline.extraction.config import ExtractConfig
+from nucleiscope.pipeline.networks.attention_net import AttentionNet, save_weights
+from nucleiscope.pipeline.networks.student_net import StudentNet
+from nucleiscope.pipeline.segmentation.student import (
     StudentPostprocess,
     load_student,
     probabilities_to_instances,
     save_student,
+)
+from nucleiscope.pipeline.training.pseudo_labels import IGNORE_LABEL, PseudoLabelConfig, pseudo_targets, target_shares
+from nucleiscope.pipeline.training.self_training import (
+    PseudoLabelSampler,
+    StudentTrainConfig,
+    student_loss,
+    train_student,
 )
 
 
@@ -160,7 +165,7 @@ def test_student_learns_a_tiny_problem(torch_one_thread: None) -> None:
     net = train_student(PseudoLabelSampler(images, targets, 48), config, log=lambda s, v: losses.append(v["total"]),
                         log_every=10)  # fmt: skip
     assert losses[-1] < 0.5 * losses[0]
-    from nucleiscope.pipeline.normalize import imagenet_normalize
+    from nucleiscope.pipeline.color.normalize import imagenet_normalize
 
     with torch.no_grad():
         x = imagenet_normalize(torch.from_numpy(images[0]).permute(2, 0, 1)[None])
@@ -175,3 +180,42 @@ def test_loss_ignores_unlabelled_pixels() -> None:
     assert torch.isfinite(losses["total"]) and losses["ce"] == 0
     with pytest.raises(ConfigError):
         StudentTrainConfig(crop_px=30)
+
+
+def test_train_command_runs_the_student_task(tmp_path: Path) -> None:
+    """``nucleiscope train`` with task = "student": teacher maps, pseudo-labels, a student, scores."""
+    import json
+
+    from skimage.io import imsave
+
+    from nucleiscope.jobs.cli import main
+    from nucleiscope.pipeline.segmentation.student import load_student
+
+    rng = np.random.default_rng(0)
+    labels_dir = tmp_path / "labels"
+    labels_dir.mkdir()
+    for k in range(3):
+        rgb = np.full((96, 96, 3), (236, 214, 226), np.uint8)  # pink (eosin) background
+        truth = np.zeros((96, 96), np.uint16)
+        for n, (cy, cx) in enumerate(rng.uniform(16, 80, size=(4, 2)), start=1):
+            disc = _disc((96, 96), cy, cx, 6.0) & (truth == 0)
+            rgb[disc] = (92, 60, 150)  # haematoxylin purple
+            truth[disc] = n
+        imsave(tmp_path / f"img{k}.png", rgb, check_contrast=False)
+        imsave(labels_dir / f"img{k}.png", truth, check_contrast=False)
+    job = tmp_path / "student.toml"
+    job.write_text(
+        f'task = "student"\noutput = "{tmp_path / "run"}"\nsteps = 3\n'
+        f'[[sources]]\npath = "{tmp_path}/img*.png"\nmpp = 0.25\n'
+        f'[self_training]\nrecipe = "consensus"\nholdout = 1\nworkers = 1\nlabels = "{labels_dir}"\n'
+        "[student]\nwidths = [4, 8]\ncrop_px = 32\nbatch_size = 2\n"
+    )
+    assert main(["train", "--config", str(job), "--device", "cpu"]) == 0
+    run = tmp_path / "run"
+    net, mpp, _, meta = load_student(run / "student.safetensors")
+    assert net.widths == (4, 8) and mpp == 0.25 and meta["recipe"] == "consensus" and meta["steps"] == "3"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_images"] == ["img0", "img1"] and summary["holdout_images"] == ["img2"]
+    assert set(summary["scores"]) == {"teacher", "classical", "student", "student_tta"}
+    assert 0.0 <= summary["scores"]["classical"]["holdout"]["aji"] <= 1.0
+    assert sorted(p.name for p in (run / "pred").iterdir()) == ["img0.tif", "img1.tif", "img2.tif"]

@@ -9,9 +9,9 @@ import pytest
 import tifffile
 from scipy import ndimage as ndi
 
-from nucleiscope.pipeline import synthetic
-from nucleiscope.pipeline.errors import ConfigError
-from nucleiscope.pipeline.synthetic import SyntheticTruth
+from nucleiscope.pipeline.common.errors import ConfigError
+from tests import synthetic
+from tests.synthetic import SyntheticTruth
 
 
 @pytest.fixture(scope="module")

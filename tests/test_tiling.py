@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nucleiscope.pipeline.config import ExtractConfig, TileConfig
-from nucleiscope.pipeline.errors import ConfigError
-from nucleiscope.pipeline.tiling import keep_owned, label_centroids, plan_tiles, working_grid
+from nucleiscope.pipeline.common.errors import ConfigError
+from nucleiscope.pipeline.extraction.config import ExtractConfig
+from nucleiscope.pipeline.tiling.plan import TileConfig, keep_owned, label_centroids, plan_tiles, working_grid
 
 
 def test_cores_partition_the_grid() -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from nucleiscope.pipeline.slide import Slide
-from nucleiscope.pipeline.synthetic import SyntheticTruth
-from nucleiscope.pipeline.tissue import tissue_area_mm2, tissue_mask
+from nucleiscope.pipeline.slides.slide import Slide
+from nucleiscope.pipeline.tiling.tissue import tissue_area_mm2, tissue_mask
+from tests.synthetic import SyntheticTruth
 
 GLASS = (243, 243, 245)
 PINK = (230, 160, 200)

@@ -18,11 +18,11 @@ import torch
 
 from nucleiscope.jobs.cli import main
 from nucleiscope.jobs.train import check_run_folder
-from nucleiscope.pipeline.errors import ConfigError
-from nucleiscope.pipeline.model import load_weights
-from nucleiscope.pipeline.synthetic import SyntheticTruth
-from nucleiscope.pipeline.train_config import TrainConfig, load_job_config
-from nucleiscope.pipeline.training import build_state, read_checkpoint, train_step, wrap_ddp
+from nucleiscope.pipeline.common.errors import ConfigError
+from nucleiscope.pipeline.networks.attention_net import load_weights
+from nucleiscope.pipeline.training.config import TrainConfig, load_job_config
+from nucleiscope.pipeline.training.loop import build_state, read_checkpoint, train_step, wrap_ddp
+from tests.synthetic import SyntheticTruth
 
 from .s3util import S3Endpoint
 

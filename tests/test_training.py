@@ -1,4 +1,4 @@
-"""Training core: config, scale sampler, losses, steps, checkpoints, quick_train driver."""
+"""Training core: config, scale sampler, losses, steps, checkpoints, the local attention runner."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 from numpy.typing import NDArray
 
-from nucleiscope.jobs import quick_train
-from nucleiscope.pipeline.errors import ConfigError, ModelError
-from nucleiscope.pipeline.model import TRANSFORMS, dihedral, load_weights, read_metadata
-from nucleiscope.pipeline.normalize import IMAGENET_MEAN, IMAGENET_STD, hed_jitter
-from nucleiscope.pipeline.training import (
+from nucleiscope.jobs.cli import main
+from nucleiscope.pipeline.color.normalize import IMAGENET_MEAN, IMAGENET_STD, hed_jitter
+from nucleiscope.pipeline.common.errors import ConfigError, ModelError
+from nucleiscope.pipeline.networks.attention_net import TRANSFORMS, dihedral, load_weights, read_metadata
+from nucleiscope.pipeline.training.loop import (
     ScaleTileSampler,
     TrainConfig,
     build_state,
@@ -203,7 +203,21 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_quick_train_end_to_end(tmp_path: Path) -> None:
+def _local_job(tmp_path: Path, sources: list[tuple[Path, float]], **top: object) -> Path:
+    """A TOML job for the attention model's local runner (tiny networks, 3 steps)."""
+    lines = ['task = "attention"', 'runner = "local"', f'output = "{tmp_path / "out"}"', "steps = 3",
+             "log_every = 1", 'sampler = "resident"', *(f"{k} = {json.dumps(v)}" for k, v in top.items())]
+    for path, mpp in sources:
+        lines += ["[[sources]]", f'path = "{path}"', f"mpp = {mpp}"]
+    lines += ["[train]", "batch_size = 6", "crop_px = 32", "pad_min_px = 48", "f_width = 4", "g_width = 4",
+              "g_blocks = [1, 1, 1, 1]"]  # fmt: skip
+    job = tmp_path / "job.toml"
+    job.write_text("\n".join(lines) + "\n")
+    return job
+
+
+def test_local_attention_training_end_to_end(tmp_path: Path) -> None:
+    """``nucleiscope train`` with runner = "local": the quick path, in this process."""
     from skimage.io import imsave
 
     images = tmp_path / "images"
@@ -211,12 +225,8 @@ def test_quick_train_end_to_end(tmp_path: Path) -> None:
     imsave(images / "a.png", disc_image(5, size=72), check_contrast=False)
     imsave(images / "b.tif", disc_image(6, size=64), check_contrast=False)
     out = tmp_path / "out"
-    code = quick_train.main([
-        "--images", str(images), "--out", str(out), "--max-steps", "3", "--batch", "6", "--crop-px", "32",
-        "--f-width", "4", "--g-width", "4", "--g-blocks", "1,1,1,1", "--log-every", "1", "--device", "cpu",
-        "--mpp", "0.2",
-    ])  # fmt: skip
-    assert code == 0
+    job = _local_job(tmp_path, [(images / "a.png", 0.2), (images / "b.tif", 0.2)], maps=True)
+    assert main(["train", "--config", str(job), "--device", "cpu"]) == 0
     meta = read_metadata(out / "attention_f.safetensors")
     assert meta["steps"] == "3" and meta["stain_norm"] == "true" and float(meta["sparsity"]) == 0.07
     assert float(meta["tau_ema"]) == pytest.approx(float(load_weights(out / "attention_f.safetensors").tau_ema))
@@ -230,21 +240,28 @@ def test_quick_train_end_to_end(tmp_path: Path) -> None:
     assert maps["a"].shape == (72, 72) and maps["b"].shape == (64, 64) and maps["a"].dtype == np.uint8
 
 
-def test_quick_train_reports_missing_images(tmp_path: Path) -> None:
+def test_local_attention_training_reports_missing_images(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    assert quick_train.main(["--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    job = _local_job(tmp_path, [(tmp_path / "empty" / "*.png", 0.25)])
+    assert main(["train", "--config", str(job), "--device", "cpu"]) == 2
 
 
-def test_quick_train_imports_no_cluster_or_slide_libraries() -> None:
-    """The driver must run where only torch, numpy, scipy, scikit-image, tifffile, safetensors exist."""
+def test_local_attention_training_needs_no_ray(tmp_path: Path) -> None:
+    """The local runner runs where Ray (and s3fs, OpenSlide) cannot even be imported."""
     import subprocess
     import sys
 
+    from skimage.io import imsave
+
+    imsave(tmp_path / "a.png", disc_image(5, size=72), check_contrast=False)
+    job = _local_job(tmp_path, [(tmp_path / "a.png", 0.25)])
     code = (
         "import sys\n"
-        "for m in ('ray', 'tiffslide', 'fsspec', 'pyarrow', 'pandas', 's3fs', 'openslide'):\n"
+        "for m in ('ray', 's3fs', 'openslide'):\n"
         "    sys.modules[m] = None\n"
-        "import nucleiscope.jobs.quick_train\n"
+        "from nucleiscope.jobs.cli import main\n"
+        "sys.exit(main(['train', '--config', sys.argv[1], '--device', 'cpu']))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "attention_f.safetensors").exists()

@@ -1,0 +1,282 @@
+"""One slide, end to end: open, tissue, tiles, segment, measure, write.
+
+The stages are separate functions over plain data so that the Ray job can run them
+in different processes (``prepare_slide`` and ``read_tiles`` in tasks, ``predict`` in
+an actor, ``measure_tiles`` in tasks, ``SlideSink`` where rows are written) and get
+exactly the rows ``extract_slide`` gets in one process. A slide's results are
+committed atomically at the end; a failure anywhere commits nothing of that slide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from numpy.typing import NDArray
+
+from ..measure.morphometrics import measure_nuclei
+from ..measure.outputs import NucleiWriter, QcCanvas, write_slide_record
+from ..measure.summary import SlideSummary
+from ..segmentation.protocol import Segmenter, SlideStats
+from ..slides.slide import Slide, SlideInfo, slide_id_from_uri
+from ..tiling.plan import Tile, TilePlan, keep_owned, plan_tiles
+from ..tiling.tissue import tissue_area_mm2, tissue_mask
+from .config import ExtractConfig
+
+log = logging.getLogger(__name__)
+
+#: Edge (working px) and number of the fixed patches a segmenter is fitted on.
+FIT_PATCH_PX = 384
+FIT_PATCHES = 16
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class StageTimer:
+    """Seconds spent per stage; ``stage`` names the stage running now (for failures)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    stage: str = "open"
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.stage = name
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def add(self, seconds: Mapping[str, float]) -> None:
+        """Add stage seconds measured elsewhere (another process)."""
+        for name, value in seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + value
+
+
+class SlideFailure(Exception):
+    """Wraps the error that stopped a slide, with the stage it stopped in."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(f"{stage}: {cause}")
+        self.stage = stage
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[type[SlideFailure], tuple[str, BaseException]]:
+        return (SlideFailure, (self.stage, self.cause))
+
+
+@dataclass(frozen=True)
+class PreparedSlide:
+    """Everything tiles need from their slide, computed once (picklable)."""
+
+    uri: str
+    slide_id: str
+    info: SlideInfo
+    stats: SlideStats
+    plan: TilePlan
+    seg_mpp: float
+    tissue_area_mm2: float
+    qc_thumbnail: NDArray[np.uint8]
+    seconds: dict[str, float]
+
+
+def config_hash(config: ExtractConfig, model_id: str) -> str:
+    """Identifier of everything that decides a slide's rows (config and model)."""
+    payload = json.dumps({"config": config.public_dict(), "model_id": model_id}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def qc_mpp(info: SlideInfo, max_px: int) -> float:
+    """µm/px of the QC picture: the slide at most ``max_px`` on its longer edge."""
+    return info.mpp * max(1.0, max(info.width_px, info.height_px) / max_px)
+
+
+def fit_view(slide: Slide, mask: NDArray[np.bool_], mask_mpp: float, seg_mpp: float) -> NDArray[np.uint8]:
+    """A mosaic of up to FIT_PATCHES tissue patches at ``seg_mpp``, independent of tiling.
+
+    Patches sit at evenly spaced tissue pixels of the mask, so the per-slide
+    statistics a segmenter fits on do not depend on the tile size.
+    """
+    info = slide.info
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        ys, xs = np.array([mask.shape[0] // 2]), np.array([mask.shape[1] // 2])
+    picks = np.unique(np.linspace(0, ys.size - 1, min(FIT_PATCHES, ys.size)).round().astype(int))
+    step = mask_mpp / info.mpp  # level-0 px per mask px
+    half = FIT_PATCH_PX * seg_mpp / info.mpp / 2
+    patches = [
+        slide.read_region((xs[k] + 0.5) * step - half, (ys[k] + 0.5) * step - half, FIT_PATCH_PX, FIT_PATCH_PX, seg_mpp)
+        for k in picks
+    ]
+    cols = math.ceil(math.sqrt(len(patches)))
+    rows = math.ceil(len(patches) / cols)
+    mosaic = np.full((rows * FIT_PATCH_PX, cols * FIT_PATCH_PX, 3), 255, dtype=np.uint8)
+    for n, patch in enumerate(patches):
+        r, c = divmod(n, cols)
+        mosaic[r * FIT_PATCH_PX : (r + 1) * FIT_PATCH_PX, c * FIT_PATCH_PX : (c + 1) * FIT_PATCH_PX] = patch
+    return mosaic
+
+
+def prepare_slide(
+    uri: str, slide_id: str, config: ExtractConfig, segmenter: Segmenter, *,
+    mpp_override: float | None = None, storage_options: Mapping[str, Any] | None = None,
+    timer: StageTimer | None = None,
+) -> PreparedSlide:
+    """Open a slide, find its tissue, fit the segmenter and plan its tiles."""
+    timer = timer or StageTimer()
+    opts = storage_options if storage_options is not None else config.storage_options
+    seg_mpp = config.seg_mpp or segmenter.mpp
+    with timer("open"):
+        slide = Slide.open(uri, storage_options=opts, mpp_override=mpp_override or config.mpp_override)
+    with slide:
+        info = slide.info
+        with timer("tissue"):
+            mask = tissue_mask(slide.thumbnail(config.tissue_mpp), config.tissue_mpp)
+            area_mm2 = tissue_area_mm2(mask, config.tissue_mpp)
+            stats = segmenter.fit(fit_view(slide, mask, config.tissue_mpp, seg_mpp), seg_mpp)
+            tiles_cfg = config.tiles(math.ceil(segmenter.context_um / seg_mpp), segmenter.grid_px)
+            plan = plan_tiles(
+                info.width_px, info.height_px, seg_mpp / info.mpp, tiles_cfg, mask, config.tissue_mpp / info.mpp
+            )
+            qc = slide.thumbnail(qc_mpp(info, config.qc_max_px))
+    log.info("%s: %d of %d tiles on tissue at %.3f µm/px", slide_id, len(plan.tiles), plan.total_tiles, seg_mpp)
+    return PreparedSlide(uri, slide_id, info, stats, plan, seg_mpp, area_mm2, qc, dict(timer.seconds))
+
+
+def reopen_slide(prepared: PreparedSlide, storage_options: Mapping[str, Any] | None) -> Slide:
+    """Open a prepared slide again to read tiles: its µm/px and checks are known already."""
+    return Slide.open(prepared.uri, storage_options=storage_options, mpp_override=prepared.info.mpp,
+                      require_brightfield=False)  # fmt: skip
+
+
+def read_tiles(slide: Slide, prepared: PreparedSlide, tiles: Sequence[Tile]) -> list[NDArray[np.uint8]]:
+    """The RGB windows of ``tiles`` at the working resolution."""
+    s = prepared.plan.scale
+    return [slide.read_region(t.x_px * s, t.y_px * s, t.size_px, t.size_px, prepared.seg_mpp) for t in tiles]
+
+
+def measure_tile(
+    evidence: NDArray[Any], rgb: NDArray[np.uint8], tile: Tile, prepared: PreparedSlide,
+    segmenter: Segmenter, timer: StageTimer,
+) -> pa.Table:
+    """Post-process one tile's evidence, keep the nuclei its core owns, measure them."""
+    with timer("postprocess"):
+        labels = keep_owned(segmenter.postprocess(evidence, prepared.seg_mpp, prepared.stats), tile)
+    with timer("measure"):
+        s = prepared.plan.scale
+        table = measure_nuclei(
+            labels, rgb, mpp=prepared.info.mpp, origin_px=(tile.x_px * s, tile.y_px * s),
+            scale=s, slide_id=prepared.slide_id,
+        )
+    return order_rows(table)
+
+
+def order_rows(table: pa.Table) -> pa.Table:
+    """Rows in a deterministic order (centroid y, then x) so ids do not depend on labels."""
+    if table.num_rows < 2:
+        return table
+    return table.sort_by([("centroid_y_px", "ascending"), ("centroid_x_px", "ascending")])
+
+
+class SlideSink:
+    """Where a slide's rows go, in tile order: GeoParquet file, QC picture, summary.
+
+    ``write`` numbers rows slide-wide; ``commit`` makes the slide's file visible
+    atomically and returns its summary record; ``abort`` leaves nothing behind.
+    """
+
+    def __init__(self, out: str, prepared: PreparedSlide, storage_options: Mapping[str, Any] | None) -> None:
+        self.out, self.prepared, self.options = out, prepared, storage_options
+        self.writer = NucleiWriter(out, prepared.slide_id, storage_options=storage_options)
+        self.qc = QcCanvas(prepared.qc_thumbnail, (prepared.info.width_px, prepared.info.height_px))
+        self.summary = SlideSummary()
+        self.count = 0
+
+    def write(self, table: pa.Table) -> None:
+        ids = pa.array(np.arange(self.count, self.count + table.num_rows, dtype=np.int64))
+        table = table.set_column(table.schema.get_field_index("nucleus_id"), "nucleus_id", ids)
+        self.count += table.num_rows
+        self.writer.write(table)
+        self.qc.add(table)
+        self.summary.add(table)
+
+    def commit(self, config: ExtractConfig, segmenter_name: str, model_id: str, timer: StageTimer,
+               wall_seconds: float) -> dict[str, Any]:
+        with timer("write"):
+            self.writer.commit()
+            self.qc.save(self.out, self.prepared.slide_id, storage_options=self.options)
+        record = slide_record(self.prepared, config, segmenter_name, model_id, timer, wall_seconds, self.summary)
+        write_slide_record(self.out, record, storage_options=self.options)
+        return record
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def extract_slide(
+    uri: str, out: str, config: ExtractConfig, segmenter: Segmenter, *,
+    slide_id: str | None = None, mpp_override: float | None = None,
+    storage_options: Mapping[str, Any] | None = None, progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Extract every nucleus of one slide into ``out`` in this process; returns its record.
+
+    Raises ``SlideFailure`` (with the stage and the original error) when the slide
+    cannot be processed; nothing of that slide is committed then.
+    """
+    slide_id = slide_id or slide_id_from_uri(uri)
+    opts = storage_options if storage_options is not None else config.storage_options
+    timer = StageTimer()
+    start = time.perf_counter()
+    try:
+        prepared = prepare_slide(uri, slide_id, config, segmenter, mpp_override=mpp_override,
+                                 storage_options=opts, timer=timer)  # fmt: skip
+        sink = SlideSink(out, prepared, opts)
+        try:
+            with reopen_slide(prepared, opts) as slide:
+                for done, tile in enumerate(prepared.plan.tiles, start=1):
+                    with timer("read"):
+                        rgb = read_tiles(slide, prepared, [tile])[0]
+                    with timer("segment"):
+                        evidence = segmenter.predict(rgb, prepared.seg_mpp, prepared.stats)
+                    table = measure_tile(evidence, rgb, tile, prepared, segmenter, timer)
+                    with timer("write"):
+                        sink.write(table)
+                    if progress is not None:
+                        progress(done, len(prepared.plan.tiles))
+            return sink.commit(config, segmenter.name, segmenter.model_id, timer, time.perf_counter() - start)
+        except BaseException:
+            sink.abort()
+            raise
+    except Exception as exc:  # every failure becomes a failures row upstream
+        raise SlideFailure(timer.stage, exc) from exc
+
+
+def slide_record(
+    prepared: PreparedSlide, config: ExtractConfig, segmenter_name: str, model_id: str,
+    timer: StageTimer, wall_seconds: float, summary: SlideSummary,
+) -> dict[str, Any]:
+    """The slide's row of slides.parquet."""
+    info, plan = prepared.info, prepared.plan
+    seconds = {f"seconds_{k}": round(v, 4) for k, v in timer.seconds.items()}
+    compute = sum(timer.seconds.get(k, 0.0) for k in ("read", "segment", "postprocess", "measure"))
+    return summary.finish(
+        slide_id=prepared.slide_id, uri=prepared.uri, width_px=info.width_px, height_px=info.height_px,
+        mpp=info.mpp, mpp_source=info.mpp_source, seg_mpp=prepared.seg_mpp, segmenter=segmenter_name,
+        model_id=model_id, config_hash=config_hash(config, model_id),
+        tissue_area_mm2=prepared.tissue_area_mm2, tiles=len(plan.tiles), tile_px=plan.tile_px,
+        overlap_px=plan.overlap_px, megapixels=len(plan.tiles) * plan.tile_px**2 / 1e6,
+        tiles_per_s=len(plan.tiles) / compute if compute > 0 else 0.0,
+        seconds_total=round(wall_seconds, 4), finished_at=datetime.now(timezone.utc).isoformat(),
+        **seconds,
+    )
