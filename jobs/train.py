@@ -22,11 +22,13 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import PurePosixPath
 from typing import Any
 
 from ..pipeline.common.devices import enable_fast_math, pick_device
 from ..pipeline.common.errors import ConfigError, OutputError
 from ..pipeline.common.storage import io_errors, resolve, write_bytes
+from ..pipeline.evaluation.split import load_split
 from ..pipeline.slides.inputs import expand_inputs, redact, with_s3_retries
 from ..pipeline.training.attention_run import (
     CHECKPOINT_DIR,
@@ -55,14 +57,22 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
+def _stem(uri: str) -> str:
+    return PurePosixPath(uri.split("?", 1)[0]).stem
+
+
 def expand_sources(job: TrainJobConfig, options: Mapping[str, Any]) -> list[tuple[str, float | None]]:
     """(URI, stated µm/px) of every file the job's sources name, in order, without repeats."""
     seen: set[str] = set()
     found: list[tuple[str, float | None]] = []
     for spec in job.sources:
         items = expand_inputs([spec.path], storage_options=options)
+        if spec.split is not None:
+            part = set(load_split(spec.split).part(spec.part))
+            items = [item for item in items if _stem(item.uri) in part]
         if not items:
-            raise ConfigError(f"source {redact(spec.path)} names no files")
+            raise ConfigError(f"source {redact(spec.path)} names no files"
+                              + (f" of the {spec.part} part of {spec.split}" if spec.split else ""))  # fmt: skip
         for item in items:
             uri = _absolute(item.uri)
             if uri not in seen:

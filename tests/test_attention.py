@@ -160,3 +160,28 @@ def test_reinhard_with_slide_stats_is_pointwise() -> None:
     part = reinhard_normalize(np.ascontiguousarray(img[10:30, 5:50]), stats, white=white)
     np.testing.assert_array_equal(part, whole[10:30, 5:50])
     assert not np.array_equal(reinhard_normalize(img[10:30, 5:50]), part)  # own stats differ
+
+
+@pytest.mark.parametrize("tau_ema", [1e3, -1e3])
+def test_slide_calibration_survives_a_drifted_threshold(tmp_path: Path, tau_ema: float) -> None:
+    """A tau_ema far from the logits (a drifted training run) gives a dark or saturated map;
+    the per-slide quantile calibration lights about ``sparsity`` of the tissue whatever it is,
+    and Otsu's (the default) lights part of it."""
+    from nucleiscope.pipeline.networks.attention_net import load_weights
+
+    net = load_weights(_weights(tmp_path))
+    net.tau_ema.fill_(tau_ema)
+    drifted = tmp_path / "drifted.safetensors"
+    save_weights(net.eval(), drifted, {})
+    rgb = _he_image(3, (96, 96))
+    ema = AttentionSegmenter(drifted, device="cpu", tta=False, calibration="ema")
+    slide = AttentionSegmenter(drifted, device="cpu", tta=False, calibration="quantile")
+    otsu = AttentionSegmenter(drifted, device="cpu", tta=False)
+    on_ema = float((ema.attention_map(rgb, 0.25, ema.fit(rgb, 0.25)) > 0.5).mean())
+    stats = slide.fit(rgb, 0.25)
+    on_slide = float((slide.attention_map(rgb, 0.25, stats) > 0.5).mean())
+    on_otsu = float((otsu.attention_map(rgb, 0.25, otsu.fit(rgb, 0.25)) > 0.5).mean())
+    assert on_ema in (0.0, 1.0) and 0.02 < on_otsu < 0.98, (on_ema, on_otsu)
+    assert "tau" in stats.values and abs(on_slide - net.sparsity) < 0.03, on_slide
+    with pytest.raises(ValueError):
+        AttentionSegmenter(drifted, calibration="median")

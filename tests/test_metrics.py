@@ -13,11 +13,14 @@ from PIL import Image
 from nucleiscope.pipeline.common.errors import NucleiscopeError
 from nucleiscope.pipeline.evaluation.metrics import (
     aji,
+    count_ratio,
     dice,
     evaluate_dirs,
     evaluate_pair,
+    matched_area_ratio,
     object_f1,
     panoptic_quality,
+    quality_pair,
     rasterize_monuseg_xml,
     read_label_image,
 )
@@ -181,3 +184,27 @@ def test_xml_rasteriser_reproduces_monuseg_labels() -> None:
         labels = read_label_image(MONUSEG / "labels" / f"{xml.stem}.png")
         raster = rasterize_monuseg_xml(xml, (labels.shape[0], labels.shape[1]))
         assert aji(labels, raster) > 0.999, xml.stem
+
+
+def test_matched_area_ratio_and_count_ratio() -> None:
+    gt = _box(_box(_empty(), 1, slice(0, 10), slice(0, 10)), 2, slice(15, 25), slice(15, 25))  # 100 px each
+    gt = _box(gt, 3, slice(0, 4), slice(20, 30))  # 40 px, missed below
+    pred = _box(_empty(), 7, slice(0, 10), slice(0, 12))  # 120 px on gt 1: IoU 100/120
+    pred = _box(pred, 2, slice(15, 25), slice(15, 23))  # 80 px inside gt 2: IoU 0.8
+    pred = _box(pred, 5, slice(26, 30), slice(0, 5))  # a false positive
+    assert matched_area_ratio(gt, pred) == pytest.approx(np.median([1.2, 0.8]))
+    assert count_ratio(gt, pred) == pytest.approx(3 / 3)
+    bloated = _box(_empty(), 1, slice(0, 10), slice(0, 22))  # 220 px on gt 1: IoU 100/220 < 0.5
+    assert np.isnan(matched_area_ratio(gt, bloated))
+    assert matched_area_ratio(gt, bloated, min_iou=0.4) == pytest.approx(2.2)
+    assert count_ratio(gt, bloated) == pytest.approx(1 / 3)
+    assert np.isnan(count_ratio(_empty(), pred)) and np.isnan(matched_area_ratio(_empty(), _empty()))
+
+
+def test_matched_area_ratio_takes_the_best_iou_prediction() -> None:
+    gt = _box(_empty(), 1, slice(0, 10), slice(0, 10))
+    pred = _box(_box(_empty(), 1, slice(0, 10), slice(0, 3)), 2, slice(0, 10), slice(3, 12))  # IoU 0.3 / 90/120
+    assert matched_area_ratio(gt, pred) == pytest.approx(0.9)
+    scores = quality_pair(gt, pred)
+    assert scores["area_ratio"] == pytest.approx(0.9) and scores["count_ratio"] == pytest.approx(2.0)
+    assert {k: v for k, v in scores.items() if k in evaluate_pair(gt, pred)} == evaluate_pair(gt, pred)

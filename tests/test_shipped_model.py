@@ -81,7 +81,7 @@ def test_student_beats_classical_on_monuseg(monuseg_dir: Path, torch_one_thread:
             scores[name].append(evaluate_pair(gt, labels)["aji"])
     student_aji, classical_aji = np.mean(scores["student"]), np.mean(scores["classical"])
     assert student_aji > classical_aji
-    assert student_aji == pytest.approx(0.4607, abs=0.005)
+    assert student_aji == pytest.approx(0.4869, abs=0.005)  # 0.4607 before "core" outlines (2026-12)
 
 
 @pytest.mark.usefixtures("ray_cluster")

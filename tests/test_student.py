@@ -7,18 +7,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from nucleiscope.pipeline.common.errors import ConfigError, ModelError
 from nucleiscope.pipeline.extraction.config import ExtractConfig
 from nucleiscope.pipeline.networks.attention_net import AttentionNet, save_weights
 from nucleiscope.pipeline.networks.student_net import StudentNet
+from nucleiscope.pipeline.segmentation.instances import disk_footprint
 from nucleiscope.pipeline.segmentation.student import (
     StudentPostprocess,
+    core_outline_mask,
     load_student,
     probabilities_to_instances,
     save_student,
 )
-from nucleiscope.pipeline.training.pseudo_labels import IGNORE_LABEL, PseudoLabelConfig, pseudo_targets, target_shares
+from nucleiscope.pipeline.training.pseudo_labels import (
+    IGNORE_LABEL,
+    PseudoLabelConfig,
+    instance_targets,
+    pseudo_instances,
+    pseudo_targets,
+    target_shares,
+)
 from nucleiscope.pipeline.training.self_training import (
     PseudoLabelSampler,
     StudentTrainConfig,
@@ -76,7 +86,12 @@ def test_postprocess_splits_touching_nuclei_at_the_predicted_boundary() -> None:
     assert labels.max() == 3, np.unique(labels)
     assert labels[40, 42] != labels[40, 70] and labels[40, 42] > 0 and labels[40, 70] > 0
     assert labels[12, 105] > 0
-    assert (labels > 0).sum() == pytest.approx(nucleus.sum() + lonely.sum(), rel=0.02)
+    # Default "core" outlines: each core grown by the 0.5 µm (2 px) boundary band; the
+    # core-less blob is kept whole. "mask" outlines: the whole P(i) + P(b) > 0.5 mask.
+    grown = ndi.binary_dilation(cores, structure=disk_footprint(2)) & nucleus
+    assert (labels > 0).sum() == pytest.approx(grown.sum() + lonely.sum(), rel=0.02)
+    whole = probabilities_to_instances(probs, 0.25, StudentPostprocess(outline="mask"))
+    assert whole.max() == 3 and (whole > 0).sum() == pytest.approx(nucleus.sum() + lonely.sum(), rel=0.02)
     tiny = np.zeros((3, *shape), np.float32)
     tiny[0] = 1.0
     tiny[:, _disc(shape, 40, 40, 2)] = np.array([0.0, 1.0, 0.0])[:, None]  # 13 px = 0.8 µm²: too small
@@ -207,7 +222,8 @@ def test_train_command_runs_the_student_task(tmp_path: Path) -> None:
     job.write_text(
         f'task = "student"\noutput = "{tmp_path / "run"}"\nsteps = 3\n'
         f'[[sources]]\npath = "{tmp_path}/img*.png"\nmpp = 0.25\n'
-        f'[self_training]\nrecipe = "consensus"\nholdout = 1\nworkers = 1\nlabels = "{labels_dir}"\n'
+        f'[self_training]\nholdout = 1\nworkers = 1\nlabels = "{labels_dir}"\n'
+        '[pseudo_labels]\nrecipe = "consensus"\n'
         "[student]\nwidths = [4, 8]\ncrop_px = 32\nbatch_size = 2\n"
     )
     assert main(["train", "--config", str(job), "--device", "cpu"]) == 0
@@ -219,3 +235,41 @@ def test_train_command_runs_the_student_task(tmp_path: Path) -> None:
     assert set(summary["scores"]) == {"teacher", "classical", "student", "student_tta"}
     assert 0.0 <= summary["scores"]["classical"]["holdout"]["aji"] <= 1.0
     assert sorted(p.name for p in (run / "pred").iterdir()) == ["img0.tif", "img1.tif", "img2.tif"]
+
+
+def test_core_outlines_keep_the_nuclei_and_shrink_only_their_outlines() -> None:
+    """A boundary band predicted wider than the pseudo-labels' 0.5 µm: "core" outlines
+    follow the cores grown by 0.5 µm; the same nuclei are found as with "mask" outlines."""
+    shape = (64, 96)
+    probs = np.zeros((3, *shape), np.float32)
+    probs[0] = 1.0
+    blob = _disc(shape, 32, 30, 14) | _disc(shape, 32, 62, 14)
+    probs[:, blob] = np.array([0.1, 0.1, 0.8])[:, None]
+    cores = _disc(shape, 32, 30, 8) | _disc(shape, 32, 62, 8)
+    probs[:, cores] = np.array([0.0, 0.9, 0.1])[:, None]
+    core_labels = probabilities_to_instances(probs, 0.25)
+    mask_labels = probabilities_to_instances(probs, 0.25, StudentPostprocess(outline="mask"))
+    assert core_labels.max() == mask_labels.max() == 2
+    assert np.array_equal(core_labels > 0, ndi.binary_dilation(cores, structure=disk_footprint(2)))  # 0.5 µm = 2 px
+    assert set(np.unique(mask_labels[core_labels > 0])) == {1, 2}
+    assert np.array_equal(core_labels[core_labels > 0], mask_labels[core_labels > 0])
+    mask = _disc(shape, 20, 20, 6) | _disc(shape, 20, 70, 6)
+    kept = core_outline_mask(mask, _disc(shape, 20, 20, 2), 1)
+    assert kept[20, 70] and kept[20, 20] and not kept[20, 25]  # no core: whole; with a core: cut
+    with pytest.raises(ConfigError):
+        StudentPostprocess(outline="hull")
+
+
+def test_pseudo_instances_are_what_the_targets_are_drawn_from() -> None:
+    shape = (80, 80)
+    h_mask = _disc(shape, 40, 40, 12)
+    classical = h_mask.astype(np.int32)
+    attention = np.where(_disc(shape, 40, 40, 8), 0.9, 0.0).astype(np.float32)
+    for recipe in ("classical", "consensus"):
+        config = PseudoLabelConfig(recipe=recipe, ring_um=0.5)
+        labels, background = pseudo_instances(attention, h_mask, 0.25, config, classical)
+        assert labels.dtype == np.int32 and background.dtype == bool and labels[40, 40] == 1
+        expected = instance_targets(labels, background, 0.25, config)
+        assert np.array_equal(pseudo_targets(attention, h_mask, 0.25, config, classical), expected)
+    no_ring = instance_targets(labels, background, 0.25, PseudoLabelConfig(recipe="consensus"))  # default: no ring
+    assert no_ring[40, 53] == 0 and expected[40, 53] == IGNORE_LABEL  # 1 px outside the outline

@@ -27,6 +27,7 @@ from tests.synthetic import SyntheticTruth
 from .s3util import S3Endpoint
 
 REPO = Path(__file__).resolve().parents[1]
+MONUSEG = REPO.parent / "shared" / "data" / "monuseg-train"
 TINY_TRAIN = {"batch_size": 6, "crop_px": 32, "pad_min_px": 48, "f_width": 8, "f_dilations": [1, 2],
               "g_width": 8, "g_blocks": [1, 1, 1, 1], "lr": 1e-3}  # fmt: skip
 
@@ -182,3 +183,22 @@ def test_cli_train_to_s3_killed_after_a_checkpoint_resumes_from_it(
 
 def _keys(client: Any, bucket: str) -> list[str]:
     return [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def test_every_job_file_loads_and_the_fold_jobs_see_no_validation_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nucleiscope.jobs.train import expand_sources
+    from nucleiscope.pipeline.evaluation.split import load_split
+
+    jobs = {p.stem: load_job_config(p) for p in sorted((REPO / "jobs" / "configs").glob("*.toml"))}
+    assert {"train-monuseg", "train-tiny-cpu", "train-attention-local", "train-student", "train-attention-fold",
+            "train-student-fold"} <= set(jobs)  # fmt: skip
+    assert jobs["train-student"].task == "student" and jobs["train-student"].pseudo_labels.recipe == "consensus"
+    assert jobs["train-attention-local"].runner == "local" and jobs["train-monuseg"].runner == "ray"
+    split = load_split(REPO / "benchmarks" / "monuseg_split.toml")
+    assert len(split.validation) >= 10 and len(set(split.organs[s] for s in split.validation)) >= 5
+    for name in ("train-attention-fold", "train-student-fold"):
+        assert all(s.split == "benchmarks/monuseg_split.toml" and s.part == "train" for s in jobs[name].sources)
+        if MONUSEG.exists():  # the job's relative paths resolve from the repository root
+            monkeypatch.chdir(REPO)
+            stems = {Path(uri).stem for uri, _ in expand_sources(jobs[name], {})}
+            assert stems == set(split.train), name

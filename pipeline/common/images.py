@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from .errors import SlideFormatError, SlideNotFoundError
 
+
 def _is_tiff(name: str) -> bool:
     return name.lower().endswith((".tif", ".tiff"))
 

@@ -1,4 +1,5 @@
-"""Instance segmentation metrics: AJI, pixel Dice, panoptic quality, object F1.
+"""Instance segmentation metrics: AJI, pixel Dice, panoptic quality, object F1, and the
+matched-area and count ratios (are outlines the right size, are there as many nuclei?).
 
 All object metrics share one sparse contingency table of (ground truth, prediction)
 pixel-pair counts built with ``np.unique`` over the overlapping pixels, so a
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 METRIC_COLUMNS = ("aji", "dice", "pq", "dq", "sq", "f1", "n_gt", "n_pred")
+QUALITY_COLUMNS = (*METRIC_COLUMNS, "area_ratio", "count_ratio")
 
 
 @dataclass(frozen=True)
@@ -96,16 +98,19 @@ def aji(gt: NDArray[np.integer], pred: NDArray[np.integer]) -> float:
     return _aji(overlap(gt, pred))
 
 
-def _aji(ov: Overlap) -> float:
-    if ov.n_gt == 0:
-        return 1.0 if ov.n_pred == 0 else 0.0
-    iou = ov.iou
-    # Best prediction per gt: sort by gt, then IoU descending, then pred id ascending.
-    order = np.lexsort((ov.pred_ids, -iou, ov.gt_ids))
+def _best_per_gt(ov: Overlap) -> NDArray[np.int64]:
+    """Pair indices of each gt object's prediction of highest IoU (ties: lowest pred id)."""
+    order = np.lexsort((ov.pred_ids, -ov.iou, ov.gt_ids))
     g_sorted = ov.gt_ids[order]
     first = np.ones(order.size, dtype=bool)
     first[1:] = g_sorted[1:] != g_sorted[:-1]
-    best = order[first]
+    return np.asarray(order[first], dtype=np.int64)
+
+
+def _aji(ov: Overlap) -> float:
+    if ov.n_gt == 0:
+        return 1.0 if ov.n_pred == 0 else 0.0
+    best = _best_per_gt(ov)
     inter_sum = int(ov.inter[best].sum())
     union_sum = int(ov.union[best].sum())
     matched_gt = np.zeros(ov.gt_area.size, dtype=bool)
@@ -185,7 +190,10 @@ def _f1(ov: Overlap, iou: float) -> float:
 
 def evaluate_pair(gt: NDArray[np.integer], pred: NDArray[np.integer]) -> dict[str, float]:
     """All metrics for one image: aji, dice, pq, dq, sq, f1, n_gt, n_pred."""
-    ov = overlap(gt, pred)
+    return _pair_scores(overlap(gt, pred), gt, pred)
+
+
+def _pair_scores(ov: Overlap, gt: NDArray[np.integer], pred: NDArray[np.integer]) -> dict[str, float]:
     pq, dq, sq = _pq(ov)
     return {
         "aji": _aji(ov),
@@ -196,6 +204,49 @@ def evaluate_pair(gt: NDArray[np.integer], pred: NDArray[np.integer]) -> dict[st
         "f1": _f1(ov, 0.5),
         "n_gt": float(ov.n_gt),
         "n_pred": float(ov.n_pred),
+    }
+
+
+def best_matches(ov: Overlap, min_iou: float = 0.5) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(gt ids, pred ids): each ground-truth object paired with its prediction of highest
+    IoU (ties: the lowest prediction id), kept when that IoU is >= ``min_iou``."""
+    best = _best_per_gt(ov)
+    best = best[ov.iou[best] >= min_iou]
+    return ov.gt_ids[best], ov.pred_ids[best]
+
+
+def matched_area_ratio(gt: NDArray[np.integer], pred: NDArray[np.integer], min_iou: float = 0.5) -> float:
+    """Median over matched ground-truth nuclei of (predicted area / true area).
+
+    A true nucleus is matched to the prediction of highest IoU when that IoU is >=
+    ``min_iou``; NaN when nothing matches. Above 1: outlines too large.
+    """
+    return _area_ratio(overlap(gt, pred), min_iou)
+
+
+def _area_ratio(ov: Overlap, min_iou: float) -> float:
+    g, p = best_matches(ov, min_iou)
+    if g.size == 0:
+        return float("nan")
+    return float(np.median(ov.pred_area[p] / ov.gt_area[g]))
+
+
+def count_ratio(gt: NDArray[np.integer], pred: NDArray[np.integer]) -> float:
+    """Number of predicted nuclei / number of true nuclei (NaN without true nuclei)."""
+    return _count_ratio(overlap(gt, pred))
+
+
+def _count_ratio(ov: Overlap) -> float:
+    return ov.n_pred / ov.n_gt if ov.n_gt else float("nan")
+
+
+def quality_pair(gt: NDArray[np.integer], pred: NDArray[np.integer]) -> dict[str, float]:
+    """``evaluate_pair`` plus ``area_ratio`` (``matched_area_ratio``) and ``count_ratio``."""
+    ov = overlap(gt, pred)
+    return {
+        **_pair_scores(ov, gt, pred),
+        "area_ratio": _area_ratio(ov, 0.5),
+        "count_ratio": _count_ratio(ov),
     }
 
 

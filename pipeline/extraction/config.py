@@ -42,6 +42,9 @@ class ExtractConfig:
     #: Dihedral test-time augmentation (None: the segmenter's default, on for attention,
     #: off for the student, whose 8 passes cost 8x for about +0.004 AJI).
     tta: bool | None = None
+    #: Drop objects that are not nuclei (ink) and flag suspect ones (``artefacts`` module,
+    #: the ``artefact`` column); False keeps every object and leaves the column null.
+    artefacts: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

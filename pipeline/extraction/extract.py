@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
+from ..measure.artefacts import classify_objects, remove_dropped
 from ..measure.morphometrics import measure_nuclei
 from ..measure.outputs import NucleiWriter, QcCanvas, write_slide_record
 from ..measure.summary import SlideSummary
@@ -34,6 +35,9 @@ from ..tiling.tissue import tissue_area_mm2, tissue_mask
 from .config import ExtractConfig
 
 log = logging.getLogger(__name__)
+
+#: Key of a measured tile table's schema metadata: objects dropped as artefacts (JSON counts).
+DROPPED_KEY = b"nucleiscope.artefacts_dropped"
 
 #: Edge (working px) and number of the fixed patches a segmenter is fitted on.
 FIT_PATCH_PX = 384
@@ -89,6 +93,8 @@ class PreparedSlide:
     tissue_area_mm2: float
     qc_thumbnail: NDArray[np.uint8]
     seconds: dict[str, float]
+    #: Whether objects that are not nuclei are dropped / flagged (``ExtractConfig.artefacts``).
+    artefacts: bool = True
 
 
 def config_hash(config: ExtractConfig, model_id: str) -> str:
@@ -151,7 +157,8 @@ def prepare_slide(
             )
             qc = slide.thumbnail(qc_mpp(info, config.qc_max_px))
     log.info("%s: %d of %d tiles on tissue at %.3f µm/px", slide_id, len(plan.tiles), plan.total_tiles, seg_mpp)
-    return PreparedSlide(uri, slide_id, info, stats, plan, seg_mpp, area_mm2, qc, dict(timer.seconds))
+    return PreparedSlide(uri, slide_id, info, stats, plan, seg_mpp, area_mm2, qc, dict(timer.seconds),
+                         config.artefacts)
 
 
 def reopen_slide(prepared: PreparedSlide, storage_options: Mapping[str, Any] | None) -> Slide:
@@ -170,16 +177,34 @@ def measure_tile(
     evidence: NDArray[Any], rgb: NDArray[np.uint8], tile: Tile, prepared: PreparedSlide,
     segmenter: Segmenter, timer: StageTimer,
 ) -> pa.Table:
-    """Post-process one tile's evidence, keep the nuclei its core owns, measure them."""
+    """Post-process one tile's evidence, keep the nuclei its core owns, measure them.
+
+    Objects that are not nuclei are dropped or flagged (``artefacts``); the counts of
+    dropped ones ride along in the table's schema metadata under ``DROPPED_KEY``.
+    """
     with timer("postprocess"):
-        labels = keep_owned(segmenter.postprocess(evidence, prepared.seg_mpp, prepared.stats), tile)
+        window = segmenter.postprocess(evidence, prepared.seg_mpp, prepared.stats)
+        labels = keep_owned(window, tile)
     with timer("measure"):
+        flags: dict[int, str] = {}
+        dropped: dict[str, int] = {}
+        if prepared.artefacts:
+            # Judged on the whole window so that an owned object's ring sees its real neighbours.
+            calls = classify_objects(window, rgb, prepared.seg_mpp).select(np.unique(labels))
+            labels, flags, dropped = remove_dropped(labels, calls), calls.flags(), calls.dropped_counts()
         s = prepared.plan.scale
         table = measure_nuclei(
             labels, rgb, mpp=prepared.info.mpp, origin_px=(tile.x_px * s, tile.y_px * s),
-            scale=s, slide_id=prepared.slide_id,
+            scale=s, slide_id=prepared.slide_id, flags=flags,
         )
-    return order_rows(table)
+    table = order_rows(table)
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), DROPPED_KEY: json.dumps(dropped)})
+
+
+def dropped_counts(table: pa.Table) -> dict[str, int]:
+    """Objects dropped as artefacts from a ``measure_tile`` table, by reason."""
+    raw = (table.schema.metadata or {}).get(DROPPED_KEY)
+    return {str(k): int(v) for k, v in json.loads(raw).items()} if raw else {}
 
 
 def order_rows(table: pa.Table) -> pa.Table:
@@ -204,6 +229,7 @@ class SlideSink:
         self.count = 0
 
     def write(self, table: pa.Table) -> None:
+        self.summary.add_dropped(dropped_counts(table))
         ids = pa.array(np.arange(self.count, self.count + table.num_rows, dtype=np.int64))
         table = table.set_column(table.schema.get_field_index("nucleus_id"), "nucleus_id", ids)
         self.count += table.num_rows

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +61,7 @@ NUCLEI_SCHEMA: pa.Schema = pa.schema(
         pa.field("hematoxylin_od_std", pa.float64(), nullable=False),
         pa.field("eosin_od_mean", pa.float64(), nullable=False),
         pa.field("eosin_od_std", pa.float64(), nullable=False),
+        pa.field("artefact", pa.string(), nullable=True),
         pa.field("geometry", pa.binary(), nullable=False),
     ]
 )
@@ -76,11 +78,13 @@ def measure_nuclei(
     origin_px: tuple[float, float],
     scale: float,
     slide_id: str,
+    flags: Mapping[int, str] | None = None,
 ) -> pa.Table:
     """Measure every labelled nucleus (label > 0) of a working-resolution tile.
 
-    ``nucleus_id`` is the label value. Returns a table with ``NUCLEI_SCHEMA``
-    (empty when there is no label).
+    ``nucleus_id`` is the label value. ``flags`` maps label values to the ``artefact``
+    column (``artefacts.classify_objects``); other nuclei get null. Returns a table with
+    ``NUCLEI_SCHEMA`` (empty when there is no label).
     """
     if labels.ndim != 2 or rgb.shape[:2] != labels.shape:
         raise ValueError(f"labels {labels.shape} and rgb {rgb.shape} do not match")
@@ -96,7 +100,9 @@ def measure_nuclei(
     od_stats = _od_stats(dense, rgb, n)
     boxes = ndimage.find_objects(dense)
     geoms, solidity = _outlines(dense, boxes, origin_px, scale)
-    return _assemble(ids, stats, perimeter_px, od_stats, boxes, geoms, solidity,
+    lookup = flags or {}
+    artefact: list[str | None] = [lookup.get(int(i)) for i in ids]
+    return _assemble(ids, stats, perimeter_px, od_stats, boxes, geoms, solidity, artefact,
                      mpp=mpp, origin_px=origin_px, scale=scale, slide_id=slide_id)
 
 
@@ -263,6 +269,7 @@ def _assemble(
     boxes: list[tuple[slice, slice] | None],
     geoms: list[bytes],
     solidity: NDArray[np.float64],
+    artefact: list[str | None],
     *,
     mpp: float,
     origin_px: tuple[float, float],
@@ -309,6 +316,7 @@ def _assemble(
         "hematoxylin_od_std": od[:, 1],
         "eosin_od_mean": od[:, 2],
         "eosin_od_std": od[:, 3],
+        "artefact": pa.array(artefact, pa.string()),
         "geometry": pa.array(geoms, pa.binary()),
     }
     return pa.Table.from_pydict(columns, schema=NUCLEI_SCHEMA)

@@ -8,6 +8,7 @@ merges the caller's run fields (identity, resolution, timings) into one record.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,6 +35,8 @@ _HEAD_FIELDS = [
     pa.field("tissue_area_mm2", pa.float64()),
     pa.field("nuclei_count", pa.int64()),
     pa.field("nuclei_per_mm2", pa.float64()),
+    pa.field("artefacts_dropped", pa.int64()),
+    pa.field("artefacts_flagged", pa.int64()),
 ]
 _STAT_FIELDS = [
     pa.field(f"{name}_{stat}", pa.float64())
@@ -58,7 +61,8 @@ SLIDES_SCHEMA: pa.Schema = pa.schema(_HEAD_FIELDS + _STAT_FIELDS + _TAIL_FIELDS)
 
 #: Fields ``SlideSummary.finish`` computes itself; the caller passes the others.
 COMPUTED_FIELDS: frozenset[str] = frozenset(
-    ["nuclei_count", "nuclei_per_mm2", *(f.name for f in _STAT_FIELDS)]
+    ["nuclei_count", "nuclei_per_mm2", "artefacts_dropped", "artefacts_flagged",
+     *(f.name for f in _STAT_FIELDS)]
 )
 
 
@@ -68,6 +72,8 @@ class SlideSummary:
     def __init__(self) -> None:
         self._chunks: dict[str, list[NDArray[np.float32]]] = {name: [] for name in SUMMARY_STATS}
         self._count = 0
+        self._dropped = 0
+        self._flagged = 0
 
     @property
     def count(self) -> int:
@@ -85,6 +91,12 @@ class SlideSummary:
             column = table.column(name).to_numpy(zero_copy_only=False)
             self._chunks[name].append(np.asarray(column, dtype=np.float32))
         self._count += table.num_rows
+        if "artefact" in table.column_names:
+            self._flagged += table.num_rows - table.column("artefact").null_count
+
+    def add_dropped(self, counts: Mapping[str, int]) -> None:
+        """Count objects that were dropped as artefacts (``extract.dropped_counts``)."""
+        self._dropped += sum(int(v) for v in counts.values())
 
     def values(self, name: str) -> NDArray[np.float32]:
         """All values of one summarised column added so far."""
@@ -108,6 +120,8 @@ class SlideSummary:
         elif isinstance(record["finished_at"], datetime):
             record["finished_at"] = record["finished_at"].isoformat()
         record["nuclei_count"] = self._count
+        record["artefacts_dropped"] = self._dropped
+        record["artefacts_flagged"] = self._flagged
         tissue = record.get("tissue_area_mm2")
         record["nuclei_per_mm2"] = (
             self._count / float(tissue)

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from skimage.filters import threshold_otsu
 
 from ..color.normalize import imagenet_normalize, reinhard_normalize, reinhard_stats, white_level
+from ..color.stain import rgb_to_od
 from ..common.devices import batched_by_shape, file_sha256, pick_device
 from ..networks.attention_net import (
     TRANSFORMS,
@@ -37,6 +39,10 @@ logger = logging.getLogger(__name__)
 WORKING_MPP = 0.25
 #: Radius of the largest nucleus considered, in µm (context beyond the receptive field).
 MAX_NUCLEUS_RADIUS_UM = 12.0
+#: How F's threshold on its logits is set (see ``AttentionSegmenter.fit``).
+CALIBRATIONS = ("otsu", "quantile", "ema")
+#: A pixel of the fit view is tissue when its largest channel optical density exceeds this.
+TISSUE_OD = 0.06
 _STAT_KEYS = ("lab_mean_l", "lab_mean_a", "lab_mean_b", "lab_std_l", "lab_std_a", "lab_std_b")
 
 
@@ -79,9 +85,13 @@ class AttentionSegmenter:
         tta: bool = True,
         threshold: float = 0.5,
         max_batch: int | None = None,
+        calibration: str = "otsu",
     ) -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+        self.calibration = calibration
         meta = read_metadata(weights_path)
         self._net = load_weights(weights_path)
         self.model_id = file_sha256(weights_path)[:16]
@@ -89,6 +99,7 @@ class AttentionSegmenter:
         self.tta = bool(tta)
         self.threshold = float(threshold)
         self.stain_norm = meta.get("stain_norm", "true").lower() != "false"
+        self.sparsity = float(self._net.sparsity)
         self.mpp = WORKING_MPP
         self.receptive_field_px = receptive_field_px(self._net)
         self.context_um = self.receptive_field_px / 2 * WORKING_MPP + MAX_NUCLEUS_RADIUS_UM
@@ -104,8 +115,36 @@ class AttentionSegmenter:
         return float(self._net.tau_ema)
 
     def fit(self, rgb: NDArray[np.uint8], mpp: float) -> SlideStats:
-        """Reinhard statistics (LAB mean/std of tissue, white level) of a low-res view."""
-        return stain_stats(rgb)
+        """Reinhard statistics (LAB mean/std of tissue, white level) of the fit view and, unless
+        ``calibration`` is "ema", F's threshold on its logits z for this slide (``tau``).
+
+        The threshold comes from the map itself, so a network whose logits drifted during
+        training (tau_ema lagging behind them, the map going dark) is still calibrated:
+        "otsu" (default): Otsu's threshold of z over the view's tissue pixels, no share
+        assumed; "quantile": the (1 - sparsity) quantile of z over those pixels, the
+        training-time definition of "on" (method.md) made per slide; "ema": the stored
+        tau_ema of training (the reference method). On the 19 training-part images, shipped
+        F without TTA: AJI 0.347 (otsu), 0.312 (ema), 0.210 (quantile).
+        """
+        stats = stain_stats(rgb)
+        if self.calibration == "ema":
+            return stats
+        z = self._logits(self._prepare(rgb, stats))
+        tissue = rgb_to_od(rgb).max(axis=2) > TISSUE_OD
+        values = z[tissue] if tissue.sum() >= 64 else z.ravel()
+        if self.calibration == "quantile":
+            tau = float(np.quantile(values, 1.0 - self.sparsity))
+        else:
+            tau = float(threshold_otsu(values)) if np.ptp(values) > 0 else float(values[0])  # type: ignore[no-untyped-call]
+        return SlideStats(values={**stats.values, "tau": tau})
+
+    @torch.inference_mode()
+    def _logits(self, rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """F's logit map z (H, W) of one prepared (stain-normalised) image, no augmentation."""
+        x = imagenet_normalize(torch.from_numpy(rgb[None]).to(self.device).permute(0, 3, 1, 2))
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+            z = self._net(x).z.float()
+        return np.asarray(z[0, 0].cpu().numpy(), dtype=np.float32)
 
     def _prepare(self, rgb: NDArray[np.uint8], stats: SlideStats) -> NDArray[np.uint8]:
         return apply_stain_stats(rgb, stats) if self.stain_norm else _checked(rgb)
@@ -116,12 +155,12 @@ class AttentionSegmenter:
             self._warned_mpp = True
 
     @torch.inference_mode()
-    def _forward_tta(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_tta(self, x: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         names = TRANSFORMS if self.tta else TRANSFORMS[:1]
         total = torch.zeros((x.shape[0], 1, *x.shape[-2:]), dtype=torch.float32, device=x.device)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
             for name in names:
-                total += dihedral_inverse(self._net(dihedral(x, name)).a.float(), name)
+                total += dihedral_inverse(self._net(dihedral(x, name), tau=tau).a.float(), name)
         return total / len(names)
 
     def attention_maps(
@@ -132,9 +171,11 @@ class AttentionSegmenter:
         prepared = [self._prepare(t, stats) for t in tiles]
         fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
 
+        tau = stats.values.get("tau") if self.calibration != "ema" else None
+
         def run(batch: torch.Tensor) -> NDArray[np.float32]:
             x = imagenet_normalize(batch.permute(0, 3, 1, 2)).contiguous(memory_format=fmt)
-            return np.asarray(self._forward_tta(x)[:, 0].clamp(0.0, 1.0).cpu().numpy(), dtype=np.float32)
+            return np.asarray(self._forward_tta(x, tau)[:, 0].clamp(0.0, 1.0).cpu().numpy(), dtype=np.float32)
 
         return batched_by_shape(prepared, self._max_batch, self.device, run)
 

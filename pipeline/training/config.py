@@ -37,6 +37,9 @@ pseudo-labels, the student U-Net). The file is TOML::
     batch_size = 16
 
     [self_training]                  # task = "student": SelfTrainingConfig fields
+    holdout = 0
+
+    [pseudo_labels]                  # task = "student": PseudoLabelConfig fields
     recipe = "consensus"
 
 Relative paths are taken from the current directory. Unknown keys are errors.
@@ -52,7 +55,7 @@ from typing import Any
 
 from ..common.errors import ConfigError
 from ..common.validate import finite_number
-from .pseudo_labels import RECIPES
+from .pseudo_labels import PseudoLabelConfig
 from .self_training import StudentTrainConfig
 
 #: µm/px of the scale classes, indexed by label (0 = 10x, 1 = 20x, 2 = 40x).
@@ -66,12 +69,12 @@ RUNNERS = ("ray", "local")
 
 @dataclass(frozen=True)
 class SelfTrainingConfig:
-    """The self-training stage around the student's hyper-parameters (``task = "student"``)."""
+    """The self-training stage around the student's hyper-parameters (``task = "student"``);
+    the pseudo-labels' recipe and sizes are the job's ``[pseudo_labels]`` table."""
 
-    #: Weights of the attention teacher F (None: the shipped ``attention_f.safetensors``).
+    #: Weights of the attention teacher F (None: the shipped ``attention_f.safetensors``;
+    #: unused by the "classical" recipe, which needs no teacher).
     teacher: str | None = None
-    #: Pseudo-label recipe (``pseudo_labels.RECIPES``); the shipped student used "consensus".
-    recipe: str = "consensus"
     #: Keep the last N sources (in order) out of training, to score them as held out.
     holdout: int = 0
     #: Folder of ``<stem>.png`` instance labels, read only to score the result (None: no scores).
@@ -82,8 +85,6 @@ class SelfTrainingConfig:
     save_maps: bool = False
 
     def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         _check_int(self, "holdout", 0)
         _check_int(self, "workers", 1)
 
@@ -174,10 +175,17 @@ class SourceSpec:
     path: str
     #: µm/px of every file ``path`` names, overriding metadata (required for PNG/JPEG).
     mpp: float | None = None
+    #: A split file (``evaluation.split``): only the files of its ``part`` are used.
+    split: str | None = None
+    part: str = "train"
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
             raise ConfigError(f"a source path must be a non-empty string, got {self.path!r}")
+        if self.split is not None and not isinstance(self.split, str):
+            raise ConfigError(f"source split must be a path, got {self.split!r}")
+        if self.part not in ("train", "validation"):
+            raise ConfigError(f"source part must be train or validation, got {self.part!r}")
         if self.mpp is not None and not (finite_number(self.mpp) and self.mpp > 0):
             raise ConfigError(f"source mpp must be a positive number, got {self.mpp!r} (for {self.path})")
 
@@ -238,6 +246,7 @@ class TrainJobConfig:
     maps: bool = False
     student: StudentTrainConfig = field(default_factory=StudentTrainConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -285,7 +294,7 @@ class TrainJobConfig:
 _JOB_KEYS = ("output", "steps", "checkpoint_every", "log_every", "keep_checkpoints", "sampler", "max_failures",
              "task", "runner", "max_seconds", "maps")  # fmt: skip
 _SCALING_KEYS = ("workers", "use_gpu", "cpus_per_worker")
-_TABLES = ("storage_options", "scaling", "sources", "train", "stream", "student", "self_training")
+_TABLES = ("storage_options", "scaling", "sources", "train", "stream", "student", "self_training", "pseudo_labels")
 #: [student] keys set from the job's top level instead.
 _STUDENT_FROM_JOB = ("steps", "max_seconds")
 
@@ -316,10 +325,10 @@ def job_config_from_dict(data: Mapping[str, Any]) -> TrainJobConfig:
         raise ConfigError("sources must be an array of tables ([[sources]] with path and optional mpp)")
     sources = []
     for entry in raw_sources:
-        _no_unknown(entry, ("path", "mpp"), "[[sources]]")
+        _no_unknown(entry, ("path", "mpp", "split", "part"), "[[sources]]")
         if "path" not in entry:
             raise ConfigError("every [[sources]] entry needs a path")
-        sources.append(SourceSpec(path=entry["path"], mpp=entry.get("mpp")))
+        sources.append(SourceSpec(**entry))
     if "output" not in data or "steps" not in data:
         raise ConfigError("output and steps are required")
     options = _table(data, "storage_options")
@@ -329,6 +338,7 @@ def job_config_from_dict(data: Mapping[str, Any]) -> TrainJobConfig:
         stream=_dataclass_from(StreamConfig, _table(data, "stream"), "[stream]"),
         student=_student_config(data),
         self_training=_dataclass_from(SelfTrainingConfig, _table(data, "self_training"), "[self_training]"),
+        pseudo_labels=_dataclass_from(PseudoLabelConfig, _table(data, "pseudo_labels"), "[pseudo_labels]"),
         storage_options=dict(options),
         **{k: data[k] for k in _JOB_KEYS if k in data},
         **{k: scaling[k] for k in _SCALING_KEYS if k in scaling},

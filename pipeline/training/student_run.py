@@ -78,8 +78,11 @@ def read_sources(uris: Sequence[tuple[str, float | None]], options: Mapping[str,
     return items
 
 
-def teacher_path(job: TrainJobConfig) -> str:
-    """The teacher F's weights: ``[self_training] teacher``, else the shipped F."""
+def teacher_path(job: TrainJobConfig) -> str | None:
+    """The teacher F's weights: ``[self_training] teacher``, else the shipped F; None for the
+    "classical" recipe, which needs no teacher."""
+    if job.pseudo_labels.recipe == "classical":
+        return None
     teacher = job.self_training.teacher or shipped_weights("attention")
     if teacher is None:
         raise ConfigError("[self_training] teacher is not set and no attention weights are shipped")
@@ -88,11 +91,13 @@ def teacher_path(job: TrainJobConfig) -> str:
 
 def _teacher_and_targets(items: list[dict[str, Any]], job: TrainJobConfig, device: torch.device) -> None:
     """Add each source's stain-normalised RGB, teacher map, pseudo-label target and baselines."""
-    seg = AttentionSegmenter(teacher_path(job), device=device, tta=True)
+    teacher = teacher_path(job)
+    seg = AttentionSegmenter(teacher, device=device, tta=True) if teacher is not None else None
     for it in items:
         it["norm"] = apply_stain_stats(it["rgb"], stain_stats(it["rgb"]))
-        it["attention"] = seg.image_map(it["rgb"], it["mpp"])
-    config = PseudoLabelConfig(recipe=job.self_training.recipe)
+        shape = it["rgb"].shape[:2]
+        it["attention"] = seg.image_map(it["rgb"], it["mpp"]) if seg is not None else np.zeros(shape, np.float32)
+    config = job.pseudo_labels
     with ProcessPoolExecutor(job.self_training.workers, mp_context=_SPAWN) as pool:
         results = list(pool.map(_pseudo, [(it["rgb"], it["attention"], it["mpp"], config) for it in items]))
     for it, (target, classical, teacher_labels) in zip(items, results):
@@ -142,7 +147,7 @@ def run_student(job: TrainJobConfig, sources: Sequence[tuple[str, float | None]]
         it["student"], it["student_tta"] = lab, lab_tta
     train_stems = [it["stem"] for it in train_items]
     summary: dict[str, Any] = {
-        "recipe": st.recipe, "teacher": Path(teacher_path(job)).name, "pseudo_label_shares": shares,
+        "recipe": job.pseudo_labels.recipe, "teacher": _name(teacher_path(job)), "pseudo_label_shares": shares,
         "config": job.student.to_dict(), "prep_seconds": prep_s, "train_seconds": train_s,
         "steps": int(log_rows[-1]["step"]),
         "samples_per_s": log_rows[-1]["step"] * job.student.batch_size / max(train_s, 1e-9),
@@ -160,9 +165,9 @@ def _write_student(job: TrainJobConfig, net: Any, post: StudentPostprocess, mpp:
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, STUDENT_NAME)
         teacher = teacher_path(job)
-        teacher_steps = read_metadata(teacher).get("steps", "?")
+        teacher_steps = read_metadata(teacher).get("steps", "?") if teacher is not None else "-"
         save_student(net, local, mpp=mpp, postprocess=post, metadata={
-            "recipe": job.self_training.recipe, "teacher": Path(teacher).name, "teacher_steps": teacher_steps,
+            "recipe": job.pseudo_labels.recipe, "teacher": _name(teacher), "teacher_steps": teacher_steps,
             "steps": str(int(log_rows[-1]["step"])), "train_images": str(n_train), "trainer": "nucleiscope train",
         })  # fmt: skip
         with open(local, "rb") as handle:
@@ -172,6 +177,10 @@ def _write_student(job: TrainJobConfig, net: Any, post: StudentPostprocess, mpp:
     writer.writeheader()
     writer.writerows(log_rows)
     write_bytes(job.output, "metrics.csv", text.getvalue().encode(), storage_options=job.storage_options)
+
+
+def _name(path: str | None) -> str:
+    return Path(path).name if path is not None else "none (classical recipe)"
 
 
 def _tiff_bytes(labels: NDArray[np.int32]) -> bytes:
