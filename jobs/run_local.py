@@ -87,7 +87,7 @@ def record_failure(out: str, config: ExtractConfig, item: SlideInput, failure: B
     cause = failure.cause if isinstance(failure, SlideFailure) else failure
     stage = failure.stage if isinstance(failure, SlideFailure) else "ray"
     message = getattr(cause, "reason", None) if isinstance(cause, NucleiscopeError) else None
-    message = message or str(cause) or repr(cause)
+    message = redact(message or str(cause) or repr(cause))
     log.error("slide %s failed at %s: %s: %s", item.slide_id, stage, type(cause).__name__, message)
     write_failure_record(out, item.slide_id, redact(item.uri), stage, type(cause).__name__, message,
                          storage_options=config.storage_options)  # fmt: skip

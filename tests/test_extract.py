@@ -192,3 +192,21 @@ def test_attention_segmenter_through_extract(synthetic_slide: SyntheticTruth, tm
     assert record["seg_mpp"] == 0.25
     # context = receptive field / 2 at 0.25 µm/px + 12 µm: the overlap is twice that, in px
     assert record["overlap_px"] >= 2 * 12 / 0.25
+
+
+def test_a_signed_url_leaves_no_secret_in_the_outputs(synthetic_slide: SyntheticTruth) -> None:
+    """A presigned URL's signature and credential are masked in slides.parquet and the records."""
+    import fsspec
+
+    secret, credential = "Zq8s1gNaTuR3", "AKIAEXAMPLE%2F20261201"
+    uri = f"memory://signed/slide.svs?X-Amz-Credential={credential}&X-Amz-Signature={secret}"
+    with fsspec.open(uri, "wb") as handle:
+        handle.write(Path(synthetic_slide.path).read_bytes())
+    out = "memory://signed-out"
+    extract_slide(uri, out, ExtractConfig(tile_px=1024), make_segmenter("classical"), slide_id="signed")
+    consolidate(out)
+    fs = fsspec.filesystem("memory")
+    written = b"".join(fs.cat_file(p) for p in fs.find("/signed-out"))
+    assert secret.encode() not in written and credential.encode() not in written
+    uris = pd.read_parquet(fs.open("/signed-out/slides.parquet")).uri.tolist()
+    assert uris == ["memory://signed/slide.svs?X-Amz-Credential=***&X-Amz-Signature=***"]

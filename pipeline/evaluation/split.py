@@ -9,10 +9,10 @@ image; the quality benchmark scores both parts from the same file.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 
 from ..common.errors import ConfigError
+from ..common.tomlfile import read_toml
 
 PARTS = ("train", "validation")
 
@@ -42,13 +42,7 @@ class Split:
 def load_split(path: str | os.PathLike[str]) -> Split:
     """Read a split file; ConfigError naming the file when it is missing or malformed."""
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"split file not found: {name}") from exc
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read split file {name}: {exc}") from exc
+    data = read_toml(name, "split file")
     parts = {}
     for key in PARTS:
         value = data.get(key)

@@ -29,6 +29,7 @@ from ..measure.morphometrics import measure_nuclei
 from ..measure.outputs import NucleiWriter, QcCanvas, write_slide_record
 from ..measure.summary import SlideSummary
 from ..segmentation.protocol import Segmenter, SlideStats
+from ..slides.inputs import redact
 from ..slides.slide import Slide, SlideInfo, slide_id_from_uri
 from ..tiling.plan import Tile, TilePlan, keep_owned, plan_tiles
 from ..tiling.tissue import tissue_area_mm2, tissue_mask
@@ -297,7 +298,7 @@ def slide_record(
     seconds = {f"seconds_{k}": round(v, 4) for k, v in timer.seconds.items()}
     compute = sum(timer.seconds.get(k, 0.0) for k in ("read", "segment", "postprocess", "measure"))
     return summary.finish(
-        slide_id=prepared.slide_id, uri=prepared.uri, width_px=info.width_px, height_px=info.height_px,
+        slide_id=prepared.slide_id, uri=redact(prepared.uri), width_px=info.width_px, height_px=info.height_px,
         mpp=info.mpp, mpp_source=info.mpp_source, seg_mpp=prepared.seg_mpp, segmenter=segmenter_name,
         model_id=model_id, config_hash=config_hash(config, model_id),
         tissue_area_mm2=prepared.tissue_area_mm2, tiles=len(plan.tiles), tile_px=plan.tile_px,

@@ -48,12 +48,12 @@ Relative paths are taken from the current directory. Unknown keys are errors.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..common.errors import ConfigError
+from ..common.tomlfile import read_toml
 from ..common.validate import finite_number
 from .pseudo_labels import PseudoLabelConfig
 from .self_training import StudentTrainConfig
@@ -302,13 +302,7 @@ _STUDENT_FROM_JOB = ("steps", "max_seconds")
 def load_job_config(path: str | os.PathLike[str]) -> TrainJobConfig:
     """Read and validate a TOML job file; raises ConfigError naming the file."""
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {name}") from exc
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config {name}: {exc}") from exc
+    data = read_toml(name, "config file")
     try:
         return job_config_from_dict(data)
     except ConfigError as exc:
