@@ -51,12 +51,14 @@ class S3Endpoint:
     #: The same settings as AWS environment variables (standard credential chain).
     env: dict[str, str] = field(default_factory=dict)
 
-    def client(self) -> Any:
-        """A plain boto3 client (no s3fs caches) for setting up test data."""
+    def client(self, **config: Any) -> Any:
+        """A plain boto3 client (no s3fs caches) for setting up test data; ``config``: botocore
+        ``Config`` fields (``signature_version="s3v4"`` for SigV4 presigned URLs)."""
         import boto3
+        from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=self.url, region_name=REGION,
+            "s3", endpoint_url=self.url, region_name=REGION, config=Config(**config) if config else None,
             aws_access_key_id=CREDENTIALS["key"], aws_secret_access_key=CREDENTIALS["secret"],
         )
 

@@ -250,3 +250,31 @@ def test_credentials_never_reach_logs_or_outputs(
         for where, text in (("logs", caplog.text), ("stdout", printed.out), ("stderr", printed.err)):
             assert value not in text, where
         assert value.encode() not in blobs
+
+
+def test_a_presigned_url_leaves_no_secret_in_any_output(
+    s3_server: S3Endpoint, s3_slide: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slide served over HTTP by the local S3 server under a real presigned URL: its
+    signature and credential reach no table, record, run.json, QC file or log line."""
+    from nucleiscope.jobs.cli import main
+
+    bucket, key = s3_slide.removeprefix("s3://").split("/", 1)
+    url = s3_server.client(signature_version="s3v4").generate_presigned_url(
+        "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=600)
+    assert url.startswith("http://127.0.0.1:") and "X-Amz-Signature=" in url
+    query = dict(part.split("=", 1) for part in url.split("?", 1)[1].split("&"))
+    secrets = [query["X-Amz-Signature"], query["X-Amz-Credential"]]
+    out = tmp_path / "out"
+    with caplog.at_level(logging.DEBUG):
+        assert main(["extract", url, "--out", str(out), "--local", "--segmenter", "classical"]) == 0
+    written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    # what a user sees: nucleiscope's own records at any level, everyone's from INFO up
+    # (fsspec's DEBUG lines name the URLs it fetches; they are shown only when asked for)
+    shown = [r for r in caplog.records if r.name.startswith("nucleiscope") or r.levelno >= logging.INFO]
+    logged = "\n".join(r.getMessage() for r in shown)
+    assert any(r.name.startswith("nucleiscope") for r in shown)
+    for secret in secrets:
+        assert secret.encode() not in written and secret not in logged
+    uri = pq.read_table(out / "slides.parquet").column("uri").to_pylist()[0]
+    assert "X-Amz-Signature=***" in uri and uri.startswith("http://127.0.0.1:")

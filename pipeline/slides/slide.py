@@ -34,6 +34,7 @@ from ..common.errors import (
     SlideFormatError,
     SlideNotFoundError,
 )
+from ..common.redact import redact
 from ..common.storage import url_to_fs
 from . import resample
 from .brightfield import check_brightfield
@@ -139,7 +140,7 @@ class Slide:
         except BaseException:
             _close_quietly(ts, handle)
             raise
-        logger.debug("opened %s: %s", uri, info)
+        logger.debug("opened %s: %s", redact(uri), redact(repr(info)))
         return slide
 
     def close(self) -> None:
