@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +121,11 @@ def _many_nuclei() -> np.ndarray:
     return labels
 
 
-def test_fast_on_a_thousand_nuclei() -> None:
+def test_a_thousand_nuclei() -> None:
+    """(Its speed is measured by benchmarks/bench_metrics_measure.py, not asserted here.)"""
     gt = _many_nuclei()
     pred = np.roll(gt, 3, axis=1) * 3
-    start = time.perf_counter()
     result = evaluate_pair(gt, pred)
-    assert time.perf_counter() - start < 1.0
     # Each box loses 3 of 25 columns to the shift: IoU = 22 / 28 for every object.
     assert result["n_gt"] == result["n_pred"] == 1024
     assert result["aji"] == pytest.approx(22 / 28)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -193,7 +192,7 @@ def test_rejects_mismatched_inputs() -> None:
                        mpp=0.0, origin_px=(0, 0), scale=1.0, slide_id="s")
 
 
-def test_thousand_nuclei_tile_is_fast() -> None:
+def test_thousand_nuclei_tile() -> None:
     rng = np.random.default_rng(0)
     labels = np.zeros((1024, 1024), np.int32)
     for k in range(1024):
@@ -202,9 +201,6 @@ def test_thousand_nuclei_tile_is_fast() -> None:
                       rng.uniform(5, 12), shape=labels.shape)
         labels[rr, cc] = k + 1
     rgb = rng.integers(0, 256, labels.shape + (3,), dtype=np.uint8)
-    start = time.perf_counter()
     table = measure_nuclei(labels, rgb, mpp=0.25, origin_px=(0, 0), scale=2.0, slide_id="s")
-    elapsed = time.perf_counter() - start
-    assert table.num_rows == 1024
+    assert table.num_rows == 1024  # (its speed: benchmarks/bench_metrics_measure.py)
     assert isinstance(table, pa.Table)
-    assert elapsed < 5.0  # ~0.3-0.5 s on one core; generous for a loaded CI machine

@@ -240,9 +240,13 @@ class SlideSink:
 
     def commit(self, config: ExtractConfig, segmenter_name: str, model_id: str, timer: StageTimer,
                wall_seconds: float) -> dict[str, Any]:
+        """Commit the slide's files and write its record; ``wall_seconds`` (the slide's time so
+        far) is extended by the commit's own, so seconds_total covers every timed stage."""
+        start = time.perf_counter()
         with timer("write"):
             self.writer.commit()
             self.qc.save(self.out, self.prepared.slide_id, storage_options=self.options)
+        wall_seconds += time.perf_counter() - start
         record = slide_record(self.prepared, config, segmenter_name, model_id, timer, wall_seconds, self.summary)
         write_slide_record(self.out, record, storage_options=self.options)
         return record
