@@ -10,33 +10,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
-from skimage.draw import disk
 
 from nucleiscope.pipeline.evaluation.metrics import evaluate_pair
 from nucleiscope.pipeline.measure.morphometrics import measure_nuclei
 
-
-def boxes() -> np.ndarray:
-    labels = np.zeros((1000, 1000), np.int32)
-    for k in range(1024):
-        r, c = divmod(k, 32)
-        labels[r * 31: r * 31 + 20, c * 31: c * 31 + 25] = 37 * k + 5
-    return labels
-
-
-def discs() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    labels = np.zeros((1024, 1024), np.int32)
-    for k in range(1024):
-        i, j = divmod(k, 32)
-        rr, cc = disk((32 * i + 16 + rng.uniform(-3, 3), 32 * j + 16 + rng.uniform(-3, 3)),
-                      rng.uniform(5, 12), shape=labels.shape)
-        labels[rr, cc] = k + 1
-    return labels, rng.integers(0, 256, labels.shape + (3,), dtype=np.uint8)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package
+from tests.synthetic import crowded_boxes, crowded_discs  # noqa: E402
 
 
 def median_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -52,9 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    gt = boxes()
+    gt = crowded_boxes()
     pred = np.roll(gt, 3, axis=1) * 3
-    labels, rgb = discs()
+    labels, rgb = crowded_discs()
     score = median_seconds(lambda: evaluate_pair(gt, pred), args.repeats)
     measure = median_seconds(lambda: measure_nuclei(labels, rgb, mpp=0.25, origin_px=(0, 0), scale=2.0,
                                                     slide_id="s"), args.repeats)  # fmt: skip

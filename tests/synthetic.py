@@ -443,3 +443,26 @@ def write_inconsistent_levels_tiff(path: str | Path) -> Path:
         tw.write(pink[:64, :64], photometric="rgb", description=desc, metadata=None)
         tw.write(pink[:100, :1000], tile=(256, 256), photometric="rgb", description=desc, metadata=None)
     return Path(path)
+
+
+def crowded_boxes() -> NDArray[np.int32]:
+    """1000² labels: 1,024 boxes of 20 x 25 px on a 31 px grid, with sparse ids (37 k + 5)."""
+    labels = np.zeros((1000, 1000), np.int32)
+    for k in range(1024):
+        r, c = divmod(k, 32)
+        labels[r * 31: r * 31 + 20, c * 31: c * 31 + 25] = 37 * k + 5
+    return labels
+
+
+def crowded_discs(seed: int = 0) -> tuple[NDArray[np.int32], NDArray[np.uint8]]:
+    """A 1024² tile of 1,024 discs (radius 5-12 px, jittered on a 32 px grid) and random RGB."""
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((1024, 1024), np.int32)
+    for k in range(1024):
+        i, j = divmod(k, 32)
+        rr, cc = disk((32 * i + 16 + rng.uniform(-3, 3), 32 * j + 16 + rng.uniform(-3, 3)),
+                      rng.uniform(5, 12), shape=labels.shape)
+        labels[rr, cc] = k + 1
+    return labels, rng.integers(0, 256, labels.shape + (3,), dtype=np.uint8)

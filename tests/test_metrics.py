@@ -23,6 +23,7 @@ from nucleiscope.pipeline.evaluation.metrics import (
     rasterize_monuseg_xml,
     read_label_image,
 )
+from tests.synthetic import crowded_boxes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MONUSEG = SHARED / "data" / "monuseg-train"
@@ -112,18 +113,11 @@ def test_input_validation() -> None:
         object_f1(_empty(), _empty(), iou=1.0)
 
 
-def _many_nuclei() -> np.ndarray:
-    """1024 boxes of 20 x 25 px on a 31 px grid, with sparse ids."""
-    labels = np.zeros((1000, 1000), np.int32)
-    for k in range(1024):
-        r, c = divmod(k, 32)
-        labels[r * 31: r * 31 + 20, c * 31: c * 31 + 25] = 37 * k + 5
-    return labels
 
 
 def test_a_thousand_nuclei() -> None:
     """(Its speed is measured by benchmarks/bench_metrics_measure.py, not asserted here.)"""
-    gt = _many_nuclei()
+    gt = crowded_boxes()
     pred = np.roll(gt, 3, axis=1) * 3
     result = evaluate_pair(gt, pred)
     # Each box loses 3 of 25 columns to the shift: IoU = 22 / 28 for every object.

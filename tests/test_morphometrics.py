@@ -13,6 +13,7 @@ from skimage.draw import disk, ellipse
 
 from nucleiscope.pipeline.color.stain import rgb_to_hed_od
 from nucleiscope.pipeline.measure.morphometrics import NUCLEI_SCHEMA, measure_nuclei
+from tests.synthetic import crowded_discs
 
 MPP = 0.25
 SCALE = 2.0
@@ -193,14 +194,7 @@ def test_rejects_mismatched_inputs() -> None:
 
 
 def test_thousand_nuclei_tile() -> None:
-    rng = np.random.default_rng(0)
-    labels = np.zeros((1024, 1024), np.int32)
-    for k in range(1024):
-        i, j = divmod(k, 32)
-        rr, cc = disk((32 * i + 16 + rng.uniform(-3, 3), 32 * j + 16 + rng.uniform(-3, 3)),
-                      rng.uniform(5, 12), shape=labels.shape)
-        labels[rr, cc] = k + 1
-    rgb = rng.integers(0, 256, labels.shape + (3,), dtype=np.uint8)
+    labels, rgb = crowded_discs()
     table = measure_nuclei(labels, rgb, mpp=0.25, origin_px=(0, 0), scale=2.0, slide_id="s")
     assert table.num_rows == 1024  # (its speed: benchmarks/bench_metrics_measure.py)
     assert isinstance(table, pa.Table)
