@@ -288,6 +288,9 @@ def run_cohort_ray(
         raise NucleiscopeError("Ray is not initialised (jobs.cluster.init_ray starts or joins one)")
     chash = start_run(out, config, segmenter, items)
     todo = pending_items(items, out, chash, config)
+    if not todo:  # nothing to do: start no actor (on a cluster it could boot a GPU node for nothing)
+        consolidate(out, storage_options=config.storage_options)
+        return CohortResult(0, 0, len(items), out)
     cohort = RayCohort(out, config, segmenter.name, segmenter.model_id, options or RayOptions(), on_event)
     try:
         done, failed = cohort.run(todo, show_progress)

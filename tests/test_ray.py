@@ -114,3 +114,16 @@ def test_interrupted_driver_then_rerun(cohort: list[SlideInput], reference: pd.D
     # the first slide was committed before the interrupt; the second may have been too
     assert done + skipped == 2 and failed == 0 and skipped >= 1
     pd.testing.assert_frame_equal(read_nuclei(tmp_path), reference)
+
+
+def test_a_rerun_with_nothing_left_starts_no_actor(
+    cohort: list[SlideInput], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run(cohort, tmp_path) == (2, 0, 0)
+
+    def no_cohort(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cohort (and its actors) was started with nothing pending")
+
+    monkeypatch.setattr("nucleiscope.jobs.run_ray.RayCohort", no_cohort)
+    assert run(cohort, tmp_path) == (0, 0, 2)
+    assert sorted(pd.read_parquet(tmp_path / "slides.parquet").slide_id) == ["first", "second"]
