@@ -8,12 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from numpy.typing import NDArray
 from skimage.transform import resize
 
 from ..pipeline.common.errors import NucleiscopeError
-from ..pipeline.common.images import read_rgb
+from ..pipeline.common.images import label_tiff_bytes, read_rgb
 from ..pipeline.segmentation.protocol import Segmenter
 from ..pipeline.segmentation.registry import make_segmenter
 
@@ -37,9 +36,9 @@ def segment_image(rgb: NDArray[np.uint8], mpp: float, segmenter: Segmenter) -> N
 
 
 def write_labels(path: str, labels: NDArray[np.int32]) -> None:
-    """Labels as a compressed TIFF: uint16 when they fit, else uint32."""
-    dtype = np.uint16 if labels.max(initial=0) < 65536 else np.uint32
-    tifffile.imwrite(path, labels.astype(dtype), compression="zlib")
+    """Labels as a compressed TIFF: uint16 when they fit, else uint32 (``label_tiff_bytes``)."""
+    with open(path, "wb") as handle:
+        handle.write(label_tiff_bytes(labels))
 
 
 def run_segment(

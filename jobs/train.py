@@ -22,12 +22,11 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import PurePosixPath
 from typing import Any
 
 from ..pipeline.common.devices import enable_fast_math, pick_device
 from ..pipeline.common.errors import ConfigError, OutputError
-from ..pipeline.common.storage import io_errors, resolve, write_bytes
+from ..pipeline.common.storage import io_errors, resolve, uri_stem, write_bytes
 from ..pipeline.evaluation.split import load_split
 from ..pipeline.slides.inputs import expand_inputs, redact, with_s3_retries
 from ..pipeline.training.attention_run import (
@@ -57,10 +56,6 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
-def _stem(uri: str) -> str:
-    return PurePosixPath(uri.split("?", 1)[0]).stem
-
-
 def expand_sources(job: TrainJobConfig, options: Mapping[str, Any]) -> list[tuple[str, float | None]]:
     """(URI, stated µm/px) of every file the job's sources name, in order, without repeats."""
     seen: set[str] = set()
@@ -69,7 +64,7 @@ def expand_sources(job: TrainJobConfig, options: Mapping[str, Any]) -> list[tupl
         items = expand_inputs([spec.path], storage_options=options)
         if spec.split is not None:
             part = set(load_split(spec.split).part(spec.part))
-            items = [item for item in items if _stem(item.uri) in part]
+            items = [item for item in items if uri_stem(item.uri) in part]
         if not items:
             raise ConfigError(f"source {redact(spec.path)} names no files"
                               + (f" of the {spec.part} part of {spec.split}" if spec.split else ""))  # fmt: skip
@@ -198,7 +193,6 @@ def _train_local(job: TrainJobConfig, plans: list[SourcePlan], run_dir: str, opt
 def _write_maps(plans: list[SourcePlan], run_dir: str, options: Mapping[str, Any], device: Any) -> None:
     """F's test-time-augmented maps of every source (uint8 round(a * 255), keyed by stem)."""
     import io
-    from pathlib import Path
 
     import numpy as np
 
@@ -218,7 +212,7 @@ def _write_maps(plans: list[SourcePlan], run_dir: str, options: Mapping[str, Any
                 a = seg.image_map(read_whole(reader), reader.mpp)
             finally:
                 reader.close()
-            maps[Path(plan.uri.split("?", 1)[0]).stem] = np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+            maps[uri_stem(plan.uri)] = np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **maps)
     write_bytes(run_dir, MAPS_NAME, buffer.getvalue(), storage_options=options)

@@ -53,6 +53,18 @@ def _check_size(name: str, width: int, height: int, max_px: int | None) -> None:
         raise SlideFormatError(name, f"image of {width}x{height} px is too large to read whole")
 
 
+def label_tiff_bytes(labels: NDArray[np.integer]) -> bytes:
+    """Instance labels as a zlib-compressed TIFF: uint16 when they fit, else uint32."""
+    import io
+
+    import tifffile
+
+    buffer = io.BytesIO()
+    dtype = np.uint16 if labels.max(initial=0) < 65536 else np.uint32
+    tifffile.imwrite(buffer, labels.astype(dtype), compression="zlib")
+    return buffer.getvalue()
+
+
 def read_rgb(
     uri: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None, max_px: int | None = None
 ) -> NDArray[np.uint8]:

@@ -10,6 +10,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
@@ -32,6 +33,11 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
     options = {} if protocol in LOCAL_PROTOCOLS else dict(storage_options or {})
     fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, str(path)
+
+
+def uri_stem(uri: str) -> str:
+    """The file stem of a path or URL, its query (a presigned URL's signature) ignored."""
+    return PurePosixPath(uri.split("?", 1)[0]).stem
 
 
 def is_local(fs: Any) -> bool:

@@ -30,7 +30,8 @@ from numpy.typing import NDArray
 
 from ..common.devices import device_name, enable_fast_math, pick_device
 from ..common.errors import ConfigError
-from ..common.storage import write_bytes
+from ..common.images import label_tiff_bytes
+from ..common.storage import uri_stem, write_bytes
 from ..networks.attention_net import read_metadata
 from ..segmentation.attention import AttentionSegmenter, apply_stain_stats, stain_stats
 from ..segmentation.classical import ClassicalParams, ClassicalSegmenter
@@ -72,7 +73,7 @@ def read_sources(uris: Sequence[tuple[str, float | None]], options: Mapping[str,
     for uri, mpp in uris:
         reader = open_source(uri, mpp, storage_options=options)
         try:
-            items.append({"stem": Path(uri.split("?", 1)[0]).stem, "rgb": read_whole(reader), "mpp": reader.mpp})
+            items.append({"stem": uri_stem(uri), "rgb": read_whole(reader), "mpp": reader.mpp})
         finally:
             reader.close()
     return items
@@ -143,7 +144,7 @@ def run_student(job: TrainJobConfig, sources: Sequence[tuple[str, float | None]]
     labels = _student_labels(net, items, dev, st.workers, post, tta=False)
     labels_tta = _student_labels(net, items, dev, st.workers, post, tta=True)
     for it, lab, lab_tta in zip(items, labels, labels_tta):
-        write_bytes(job.output, f"pred/{it['stem']}.tif", _tiff_bytes(lab), storage_options=options)
+        write_bytes(job.output, f"pred/{it['stem']}.tif", label_tiff_bytes(lab), storage_options=options)
         it["student"], it["student_tta"] = lab, lab_tta
     train_stems = [it["stem"] for it in train_items]
     summary: dict[str, Any] = {
@@ -181,16 +182,6 @@ def _write_student(job: TrainJobConfig, net: Any, post: StudentPostprocess, mpp:
 
 def _name(path: str | None) -> str:
     return Path(path).name if path is not None else "none (classical recipe)"
-
-
-def _tiff_bytes(labels: NDArray[np.int32]) -> bytes:
-    """Labels as a compressed TIFF: uint16 when they fit, else uint32."""
-    import tifffile
-
-    buffer = io.BytesIO()
-    dtype = np.uint16 if labels.max(initial=0) < 65536 else np.uint32
-    tifffile.imwrite(buffer, labels.astype(dtype), compression="zlib")
-    return buffer.getvalue()
 
 
 def _score(rows: list[dict[str, Any]], stems: set[str], key: str) -> dict[str, float]:
