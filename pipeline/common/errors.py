@@ -30,7 +30,17 @@ class SlideError(NucleiscopeError):
 
 
 class SlideNotFoundError(SlideError):
-    """The slide file or object does not exist or cannot be reached."""
+    """The slide file or object (or its bucket) does not exist."""
+
+
+class SlideAccessError(SlideError):
+    """The storage refused access to the slide: no, wrong or expired credentials, or no
+    permission (HTTP 401/403). Retrying with the same credentials will not help."""
+
+
+class SlideUnavailableError(SlideError):
+    """The slide's storage did not answer properly, even after retries: dropped or refused
+    connections, timeouts, HTTP 5xx, throttling. Transient: a later run may succeed."""
 
 
 class SlideFormatError(SlideError):

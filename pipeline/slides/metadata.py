@@ -1,6 +1,7 @@
 """What a slide file says about itself: properties, pixel layout, level geometry, µm/px.
 
-Each reader refuses what it cannot trust with a typed ``SlideError`` naming the file.
+Each reader refuses what it cannot trust with a typed ``SlideError`` naming the file
+(storage failures met while reading lazily loaded structures keep their own type).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..common.errors import (
     SlideSizeError,
     UnknownResolutionError,
 )
+from .remote import io_error
 
 #: Plausible level-0 pixel sizes (µm/px); anything else in metadata is refused.
 MPP_RANGE = (0.05, 50.0)
@@ -38,7 +40,7 @@ def properties(uri: str, ts: TiffSlide) -> dict[str, Any]:
     except (MemoryError, SlideError):
         raise
     except Exception as exc:
-        raise SlideFormatError(uri, f"unreadable slide structure ({type(exc).__name__}: {exc})") from exc
+        raise io_error(uri, exc, SlideFormatError, "unreadable slide structure") from exc
     return props
 
 def check_pixels(uri: str, ts: TiffSlide, props: Mapping[str, Any]) -> None:
@@ -48,7 +50,7 @@ def check_pixels(uri: str, ts: TiffSlide, props: Mapping[str, Any]) -> None:
         series = ts.ts_tifffile.series[int(props.get("tiffslide.series-index") or 0)]
         dtype, shape = np.dtype(series.dtype), tuple(series.levels[0].shape)
     except Exception as exc:
-        raise SlideFormatError(uri, f"unreadable image series ({type(exc).__name__}: {exc})") from exc
+        raise io_error(uri, exc, SlideFormatError, "unreadable image series") from exc
     samples = {"YXS": shape[-1], "CYX": shape[0], "YX": 1}.get(axes)
     if samples is None:
         raise SlideFormatError(uri, f"unsupported image layout {axes!r} {shape}")

@@ -47,6 +47,7 @@ from .metadata import (
     properties,
     resolution,
 )
+from .remote import DEFAULT_RETRY, RetryPolicy, classify, io_error, not_found_reason, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -99,23 +100,40 @@ class Slide:
     """An open slide; use :meth:`open` (a context manager)."""
 
     def __init__(self, ts: TiffSlide, handle: IO[bytes] | None, info: SlideInfo,
-                 scales: tuple[tuple[float, float], ...], tiles: tuple[tuple[int, int], ...]) -> None:
+                 scales: tuple[tuple[float, float], ...], tiles: tuple[tuple[int, int], ...],
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
         self._ts = ts
         self._handle = handle
         self.info = info
         self._scales = scales  # per level: level-0 px per level px, (x, y)
         self._tiles = tiles  # per level: tile (width, height), 0 when not tiled
+        self._retry = retry
 
     # --- opening ----------------------------------------------------------------------
 
     @classmethod
     def open(cls, uri: str, *, storage_options: Mapping[str, Any] | None = None,
-             mpp_override: float | None = None, require_brightfield: bool = True) -> Slide:
-        """Open and validate a slide; raises a typed SlideError naming ``uri``."""
+             mpp_override: float | None = None, require_brightfield: bool = True,
+             retry: RetryPolicy = DEFAULT_RETRY) -> Slide:
+        """Open and validate a slide; raises a typed SlideError naming ``uri``.
+
+        ``SlideNotFoundError``: no such file or object (or bucket); ``SlideAccessError``: the
+        storage refused access (credentials, permissions); ``SlideUnavailableError``: the
+        storage failed transiently ``retry.attempts`` times in a row (each try opens afresh);
+        ``SlideFormatError`` and the other SlideErrors: the file itself is unusable. Tile
+        reads of the open slide retry and raise the same way.
+        """
         uri = os.fspath(uri)
         if mpp_override is not None and not (MPP_RANGE[0] <= mpp_override <= MPP_RANGE[1]):
             raise ConfigError(f"mpp_override must be within {MPP_RANGE} µm/px, got {mpp_override!r}")
-        ts, handle = _open_tiffslide(uri, dict(storage_options or {}))
+        options = dict(storage_options or {})
+        return with_retries(lambda: cls._open_once(uri, options, mpp_override, require_brightfield, retry),
+                            uri, "open", retry)
+
+    @classmethod
+    def _open_once(cls, uri: str, storage_options: dict[str, Any], mpp_override: float | None,
+                   require_brightfield: bool, retry: RetryPolicy) -> Slide:
+        ts, handle = _open_tiffslide(uri, storage_options)
         try:
             props = properties(uri, ts)
             check_pixels(uri, ts, props)
@@ -134,9 +152,10 @@ class Slide:
             )
             tiles = tuple((int_or_zero(props.get(f"tiffslide.level[{i}].tile-width")),
                            int_or_zero(props.get(f"tiffslide.level[{i}].tile-height"))) for i in range(len(scales)))
-            slide = cls(ts, handle, info, scales, tiles)
+            slide = cls(ts, handle, info, scales, tiles, retry=RetryPolicy(attempts=1))
             if require_brightfield:
-                check_brightfield(uri, slide._coarse_sample())
+                check_brightfield(uri, slide._coarse_sample())  # one try: a transient failure retries the open
+            slide._retry = retry
         except BaseException:
             _close_quietly(ts, handle)
             raise
@@ -202,14 +221,16 @@ class Slide:
         return out
 
     def _read_raw(self, level: int, x: int, y: int, w: int, h: int) -> NDArray[np.uint8]:
-        try:
-            arr = self._ts.read_region((x, y), level, (w, h), as_array=True, padding=False)
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise SlideFormatError(
-                self.info.uri, f"truncated or corrupt tile data at level {level}, x={x}, y={y}: {exc}"
-            ) from exc
+        def read() -> NDArray[Any]:
+            try:
+                return np.asarray(self._ts.read_region((x, y), level, (w, h), as_array=True, padding=False))
+            except MemoryError:
+                raise
+            except Exception as exc:
+                raise io_error(self.info.uri, exc, SlideFormatError,
+                               f"truncated or corrupt tile data at level {level}, x={x}, y={y}") from exc
+
+        arr = with_retries(read, self.info.uri, f"tile read at level {level}, x={x}, y={y}", self._retry)
         if arr.ndim != 3 or arr.shape[:2] != (h, w):
             raise SlideFormatError(self.info.uri, f"level {level} returned shape {arr.shape}, expected ({h}, {w}, 3)")
         rgb = arr[..., :3]
@@ -236,17 +257,7 @@ class Slide:
 
 def _open_tiffslide(uri: str, storage_options: dict[str, Any]) -> tuple[TiffSlide, IO[bytes] | None]:
     """Locate the file and hand it to tiffslide (a path for local files, else an open file)."""
-    try:
-        fs, path = url_to_fs(uri, storage_options)
-        fs.invalidate_cache(path)  # a cached parent listing may predate the object
-        exists = fs.exists(path)
-        is_dir = exists and fs.isdir(path)
-    except Exception as exc:
-        raise SlideNotFoundError(uri, f"cannot be reached: {exc}") from exc
-    if not exists:
-        raise SlideNotFoundError(uri, "no such file")
-    if is_dir:
-        raise SlideFormatError(uri, "is a directory, not a slide file")
+    fs, path = _locate(uri, storage_options)
     handle: IO[bytes] | None = None
     try:
         if isinstance(fs, LocalFileSystem):
@@ -261,9 +272,25 @@ def _open_tiffslide(uri: str, storage_options: dict[str, Any]) -> tuple[TiffSlid
         raise
     except Exception as exc:
         if handle is not None:
-            handle.close()
-        raise SlideFormatError(uri, f"not a readable TIFF whole-slide image ({type(exc).__name__}: {exc})") from exc
+            _close_quietly(None, handle)
+        raise io_error(uri, exc, SlideFormatError, "not a readable TIFF whole-slide image") from exc
     return ts, handle
+
+
+def _locate(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+    """(filesystem, path) of an existing file; ``info``, not ``exists``, which some filesystems
+    (fsspec's HTTP) answer False for any failure, and s3fs raises through for a 403."""
+    try:
+        fs, path = url_to_fs(uri, storage_options)
+        fs.invalidate_cache(path)  # a cached parent listing may predate the object
+        kind = fs.info(path).get("type")
+    except Exception as exc:
+        if classify(exc)[0] in (None, SlideNotFoundError) and isinstance(exc, FileNotFoundError):
+            raise SlideNotFoundError(uri, not_found_reason(exc)) from exc
+        raise io_error(uri, exc, SlideNotFoundError, "cannot be located") from exc
+    if kind == "directory":
+        raise SlideFormatError(uri, "is a directory, not a slide file")
+    return fs, path
 
 
 def _open_remote(fs: Any, path: str) -> IO[bytes]:
@@ -307,8 +334,8 @@ def _chunk_edges(n: int, start: float, step: float, tile: int) -> list[int]:
     return edges
 
 
-def _close_quietly(ts: TiffSlide, handle: IO[bytes] | None) -> None:
-    for closer in (ts.close, handle.close if handle is not None else None):
+def _close_quietly(ts: TiffSlide | None, handle: IO[bytes] | None) -> None:
+    for closer in (ts.close if ts is not None else None, handle.close if handle is not None else None):
         if closer is None:
             continue
         try:
