@@ -14,6 +14,7 @@ import os
 import random
 import re
 import socket
+import struct
 import threading
 import uuid
 from collections import Counter
@@ -40,6 +41,8 @@ FAULTS = {
     500: ("InternalError", "We encountered an internal error. Please try again."),
 }
 _CHUNK_BYTES = 64 << 10
+#: Pseudo-status for ``fault_statuses``: reset the connection (TCP RST) without any answer.
+DROP_CONNECTION = 0
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ class FlakyS3Proxy:
     Request number n (counting from 0, over all connections) is answered with an S3
     error instead of being forwarded when the n-th draw of ``random.Random(seed)`` is
     below ``fault_share``; faults cycle through ``fault_statuses`` (default 503 SlowDown,
-    500 InternalError; see ``FAULTS``).
+    500 InternalError; see ``FAULTS``; ``DROP_CONNECTION`` resets the connection instead).
     Other requests are forwarded verbatim (method, path, query, all end-to-end headers
     including Host, Range and the signature; bodies streamed both ways), so signed
     requests stay valid. Counters: ``requests`` (by method), ``faults``, ``ranged_gets``,
@@ -187,8 +190,10 @@ class FlakyS3Proxy:
                  mirror: Mapping[str, MirroredObject] | None = None) -> None:
         if not 0.0 <= fault_share < 1.0:
             raise ValueError(f"fault_share must be in [0, 1), got {fault_share}")
-        if not fault_statuses or any(status not in FAULTS for status in fault_statuses):
-            raise ValueError(f"fault_statuses must be some of {sorted(FAULTS)}, got {fault_statuses}")
+        if not fault_statuses or any(status not in FAULTS and status != DROP_CONNECTION
+                                     for status in fault_statuses):
+            raise ValueError(f"fault_statuses must be some of {sorted(FAULTS)} or DROP_CONNECTION, "
+                             f"got {fault_statuses}")
         self.fault_statuses = tuple(fault_statuses)
         target = urlsplit(upstream_url)
         if target.scheme != "http" or target.hostname is None or target.port is None:
@@ -231,7 +236,7 @@ class FlakyS3Proxy:
             status = self.fault_statuses[self.faults % len(self.fault_statuses)]
             self.faults += 1
             self.faults_by_status[status] += 1
-            return (status, *FAULTS[status])
+            return (status, *FAULTS.get(status, ("", "")))
 
     def _add_bytes(self, n: int) -> None:
         with self._lock:
@@ -289,6 +294,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body = self._read_body()
         fault = self.owner._admit(self.command, "Range" in self.headers)
+        if fault is not None and fault[0] == DROP_CONNECTION:
+            self._drop_connection()
+            return
         if fault is not None:
             self._send_fault(*fault)
             return
@@ -375,6 +383,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(payload)
 
+    def _drop_connection(self) -> None:
+        """Reset the client's connection (SO_LINGER 0: RST, not FIN), as a failing load balancer does."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()
+
     def _close_upstream(self) -> None:
         if self._upstream is not None:
             self._upstream.close()
@@ -385,3 +399,36 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             super().finish()
         finally:
             self._close_upstream()
+
+
+# --- refused credentials (moto's IAM checks) -------------------------------------------------
+
+
+@contextmanager
+def iam_enforced() -> Iterator[None]:
+    """While the block runs, every moto server of this process checks signatures and IAM
+    permissions (so ``CREDENTIALS``, which belong to no IAM user, are refused with 403
+    InvalidAccessKeyId). Set up test data before entering."""
+    from moto.core.authorization import enable_iam_authentication
+
+    with enable_iam_authentication():
+        yield
+
+
+def refused_credentials(endpoint: S3Endpoint) -> dict[str, dict[str, Any]]:
+    """s3fs storage options that moto refuses under ``iam_enforced``, by why: an access key id
+    that does not exist, a real key id with the wrong secret, and a real user with no policy.
+    Creates an IAM user (call before entering ``iam_enforced``)."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=endpoint.url, region_name=REGION,
+                       aws_access_key_id=CREDENTIALS["key"], aws_secret_access_key=CREDENTIALS["secret"])
+    user = f"nobody-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    real_id, real_secret = key["AccessKeyId"], key["SecretAccessKey"]
+    return {
+        "unknown key id": {**endpoint.storage_options, "key": "AKIANOSUCHKEY0000000", "secret": "x" * 40},
+        "wrong secret": {**endpoint.storage_options, "key": real_id, "secret": "y" * 40},
+        "no permission": {**endpoint.storage_options, "key": real_id, "secret": real_secret},
+    }
