@@ -67,7 +67,7 @@ class RetryPolicy:
     """How often a step that failed transiently is tried in all, and the backoff between tries:
     ``base_delay_s * 2**k`` (k = 0, 1, ...) capped at ``max_delay_s``, times a random 0.5-1."""
 
-    attempts: int = 4
+    attempts: int = 3
     base_delay_s: float = 0.25
     max_delay_s: float = 2.0
 
@@ -82,7 +82,9 @@ class RetryPolicy:
         return min(self.max_delay_s, self.base_delay_s * 2.0**retry) * random.uniform(0.5, 1.0)
 
 
-#: Slide opens and tile reads: 4 tries over about 0.9-1.75 s of waiting.
+#: Slide opens and tile reads: 3 tries, 0.375-0.75 s of waiting in all. Each request inside a try
+#: has had botocore's and s3fs's own retries already (by default 5 attempts, and 5 more for
+#: SlowDown), so a store that stays down costs a slide tens of seconds, not hours.
 DEFAULT_RETRY = RetryPolicy()
 
 
