@@ -29,6 +29,7 @@ from ..pipeline.extraction.extract import (
     read_tiles,
     reopen_slide,
 )
+from ..pipeline.extraction.identity import RunIdentity
 from ..pipeline.segmentation.protocol import Segmenter, SlideStats
 from ..pipeline.segmentation.registry import make_segmenter
 
@@ -111,8 +112,8 @@ class SegmentActor:
 class SlideWriterActor:
     """Receives a slide's tables batch by batch, writes them in plan order, commits."""
 
-    def __init__(self, out: str, prepared: PreparedSlide, config: ExtractConfig) -> None:
-        self.sink = SlideSink(out, prepared, config.storage_options)
+    def __init__(self, out: str, prepared: PreparedSlide, config: ExtractConfig, identity: RunIdentity) -> None:
+        self.sink = SlideSink(out, prepared, identity, config.storage_options)
         self.config = config
         self.timer = StageTimer()
         self.timer.add(prepared.seconds)
@@ -130,8 +131,8 @@ class SlideWriterActor:
             self.next_batch += 1
         return self.sink.count
 
-    def commit(self, segmenter_name: str, model_id: str, wall_seconds: float) -> dict[str, Any]:
-        return self.sink.commit(self.config, segmenter_name, model_id, self.timer, wall_seconds)
+    def commit(self, wall_seconds: float) -> dict[str, Any]:
+        return self.sink.commit(self.timer, wall_seconds)
 
     def abort(self) -> None:
         self.sink.abort()

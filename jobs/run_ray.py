@@ -27,7 +27,8 @@ from ..actors.segment import SegmentActor, SlideWriterActor, batches, measure_ta
 from ..pipeline.common.errors import NucleiscopeError
 from ..pipeline.extraction.config import ExtractConfig
 from ..pipeline.extraction.extract import PreparedSlide
-from ..pipeline.measure.outputs import clear_failure_record, consolidate
+from ..pipeline.extraction.identity import RunIdentity
+from ..pipeline.measure.outputs import consolidate
 from ..pipeline.segmentation.protocol import Segmenter
 from ..pipeline.slides.inputs import SlideInput
 from .cluster import task_cause
@@ -104,12 +105,12 @@ class RayCohort:
     #: Seconds an interrupted run waits for its writers to remove their temporary files.
     ABORT_WAIT_S = 10.0
 
-    def __init__(self, out: str, config: ExtractConfig, segmenter_name: str, model_id: str,
+    def __init__(self, out: str, config: ExtractConfig, identity: RunIdentity,
                  options: RayOptions, on_event: EventFn | None = None) -> None:
         cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]
         self.out, self.config, self.options = out, config, options.scaled(cluster)
         self.max_slides, self.max_batches = self.options.max_slides or 2, self.options.max_batches or 6
-        self.segmenter_name, self.model_id = segmenter_name, model_id
+        self.identity = identity
         self.on_event = on_event
         self.resources = WorkerResources.for_cluster(cluster, options.actors, gpu_actors=options.gpu_actors)
         actor = SegmentActor.options(  # type: ignore[attr-defined]
@@ -218,20 +219,19 @@ class RayCohort:
 
     def _commit(self, state: SlideState) -> None:
         assert state.writer is not None
-        commit: ObjectRef[dict[str, Any]] = state.writer.commit.remote(self.segmenter_name, self.model_id, time.perf_counter() - state.started)
+        commit: ObjectRef[dict[str, Any]] = state.writer.commit.remote(time.perf_counter() - state.started)
         self.pending[commit] = InFlight(Stage.COMMIT, state.item.slide_id)
 
     def _prepared(self, state: SlideState, prepared: PreparedSlide) -> None:
         state.prepared = prepared
         state.ranges = list(batches(len(prepared.plan.tiles), self.options.tiles_per_batch))
-        state.writer = SlideWriterActor.remote(self.out, prepared, self.config)  # type: ignore[attr-defined]
+        state.writer = SlideWriterActor.remote(self.out, prepared, self.config, self.identity)  # type: ignore[attr-defined]
         self.tile_bar.total = (self.tile_bar.total or 0) + len(prepared.plan.tiles)
         if not state.ranges:
             self._commit(state)
 
     def _committed(self, state: SlideState, record: dict[str, Any]) -> None:
         slide_id = state.item.slide_id
-        clear_failure_record(self.out, slide_id, storage_options=self.config.storage_options)
         self.done += 1
         self.nuclei += int(record["nuclei_count"])
         log.info("slide %s: %d nuclei in %.1f s", slide_id, record["nuclei_count"], record["seconds_total"])
@@ -286,12 +286,15 @@ def run_cohort_ray(
     """Process the slides of ``items`` not yet committed with this config (Ray must be up)."""
     if not ray.is_initialized():
         raise NucleiscopeError("Ray is not initialised (jobs.cluster.init_ray starts or joins one)")
-    chash = start_run(out, config, segmenter, items)
-    todo = pending_items(items, out, chash, config)
+    options = options or RayOptions()
+    gpus = WorkerResources.for_cluster(ray.cluster_resources(), options.actors,  # type: ignore[no-untyped-call]
+                                       gpu_actors=options.gpu_actors).actor_num_gpus  # fmt: skip
+    identity = start_run(out, config, segmenter, items, device="cuda" if gpus else "cpu")
+    todo = pending_items(items, out, identity, config)
     if not todo:  # nothing to do: start no actor (on a cluster it could boot a GPU node for nothing)
         consolidate(out, storage_options=config.storage_options)
         return CohortResult(0, 0, len(items), out)
-    cohort = RayCohort(out, config, segmenter.name, segmenter.model_id, options or RayOptions(), on_event)
+    cohort = RayCohort(out, config, identity, options, on_event)
     try:
         done, failed = cohort.run(todo, show_progress)
     finally:

@@ -16,6 +16,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -182,12 +183,14 @@ class FlakyS3Proxy:
     ``mirror`` maps request paths (``/bucket/key``) to local copies whose GET and HEAD
     the proxy answers itself (Range included), for benchmarks on large objects: moto
     copies a whole object on every ranged GET (``FakeKey.value``), which costs tenths
-    of a second per request for a few hundred MB. Tests do not use it.
+    of a second per request for a few hundred MB. Tests do not use it. ``latency_s`` delays
+    every answer (requests overlap: one thread per connection), as a remote store's round
+    trip does; moto on 127.0.0.1 answers in about a millisecond.
     """
 
     def __init__(self, upstream_url: str, *, fault_share: float = 0.2, seed: int = 0,
                  fault_statuses: Sequence[int] = (503, 500),
-                 mirror: Mapping[str, MirroredObject] | None = None) -> None:
+                 mirror: Mapping[str, MirroredObject] | None = None, latency_s: float = 0.0) -> None:
         if not 0.0 <= fault_share < 1.0:
             raise ValueError(f"fault_share must be in [0, 1), got {fault_share}")
         if not fault_statuses or any(status not in FAULTS and status != DROP_CONNECTION
@@ -200,6 +203,8 @@ class FlakyS3Proxy:
             raise ValueError(f"upstream must be http://host:port, got {upstream_url!r}")
         self.upstream = (target.hostname, target.port)
         self.fault_share = fault_share
+        #: Seconds each request waits before it is answered (an object store's round trip).
+        self.latency_s = float(latency_s)
         self.mirror = dict(mirror or {})
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -294,6 +299,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body = self._read_body()
         fault = self.owner._admit(self.command, "Range" in self.headers)
+        if self.owner.latency_s > 0:
+            time.sleep(self.owner.latency_s)
         if fault is not None and fault[0] == DROP_CONNECTION:
             self._drop_connection()
             return

@@ -34,6 +34,9 @@ class ComponentSegmenter:
     def fit(self, rgb: np.ndarray, mpp: float) -> SlideStats:
         return SlideStats({})
 
+    def precision(self, device: str) -> str:
+        return "int32"
+
     def predict(self, rgb: np.ndarray, mpp: float, stats: SlideStats) -> np.ndarray:
         return np.asarray(rgb.astype(np.int32).sum(axis=2) < 400)
 

@@ -17,6 +17,7 @@ from nucleiscope.pipeline.slides.inputs import (
     expand_inputs,
     redact,
     redacted_options,
+    stable_slide_id,
     with_s3_retries,
 )
 
@@ -40,7 +41,9 @@ def test_directory_lists_single_file_slides_recursively_sorted(cohort: Path) -> 
     items = expand_inputs([str(cohort)])
     rel = [os.path.relpath(u, cohort) for u in uris(items)]
     assert rel == ["a.svs", "b.SVS", "c.tiff", "sub/a.svs", "sub/d.ndpi", "sub/deeper/e.qptiff"]
-    assert [i.slide_id for i in items] == ["a", "b", "c", "a-2", "d", "e"]
+    assert [i.slide_id for i in items] == [stable_slide_id(u) for u in uris(items)]
+    assert [i.slide_id.rsplit("-", 1)[0] for i in items] == ["a", "b", "c", "a", "d", "e"]
+    assert len({i.slide_id for i in items}) == 6
     assert all(i.mpp is None for i in items)
 
 
@@ -49,7 +52,8 @@ def test_paths_pass_through_and_repeats_are_dropped(cohort: Path, monkeypatch: p
     missing = str(cohort / "missing.svs")
     items = expand_inputs(["a.svs", "./a.svs", str(cohort / "a.svs"), "notes.txt", missing, "a.svs"])
     assert uris(items) == ["a.svs", "notes.txt", missing]  # explicit files are kept whatever they are
-    assert [i.slide_id for i in items] == ["a", "notes", "missing"]
+    same = stable_slide_id(str(cohort / "a.svs"))  # relative or absolute: one file, one id
+    assert [i.slide_id for i in items] == [same, stable_slide_id(str(cohort / "notes.txt")), stable_slide_id(missing)]
 
 
 def test_globs_local_and_recursive(cohort: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -90,8 +94,8 @@ def test_csv_manifest_ids_mpp_and_relative_uris(cohort: Path) -> None:
     items = expand_inputs([manifest])
     assert items == [
         SlideInput(str(cohort / "a.svs"), "patient-1", 0.25),
-        SlideInput(f"{cohort}/sub/a.svs", "a", None),
-        SlideInput("s3://bucket/x/a.svs", "a-2", 0.5),
+        SlideInput(f"{cohort}/sub/a.svs", stable_slide_id(f"{cohort}/sub/a.svs"), None),
+        SlideInput("s3://bucket/x/a.svs", stable_slide_id("s3://bucket/x/a.svs"), 0.5),
         SlideInput(str(cohort / "sub" / "d.ndpi"), "007", None),  # ids stay strings ("007", not 7)
     ]
 
@@ -99,15 +103,24 @@ def test_csv_manifest_ids_mpp_and_relative_uris(cohort: Path) -> None:
 def test_parquet_manifest(cohort: Path) -> None:
     path = cohort / "manifest.parquet"
     pq.write_table(pa.table({"slide_uri": ["c.tiff", "b.SVS"], "mpp": [0.5, None]}), path)
-    assert expand_inputs([str(path)]) == [SlideInput(str(cohort / "c.tiff"), "c", 0.5),
-                                          SlideInput(str(cohort / "b.SVS"), "b", None)]
+    c, b = str(cohort / "c.tiff"), str(cohort / "b.SVS")
+    assert expand_inputs([str(path)]) == [SlideInput(c, stable_slide_id(c), 0.5), SlideInput(b, stable_slide_id(b), None)]
 
 
-def test_derived_ids_never_take_an_explicit_id(cohort: Path) -> None:
-    manifest = write_csv(cohort / "m.csv", "slide_uri,slide_id\nsub/d.ndpi,a-2\n")
-    items = expand_inputs([str(cohort / "a.svs"), str(cohort / "sub" / "a.svs"), manifest])
-    assert [i.slide_id for i in items] == ["a", "a-3", "a-2"]
-    assert expand_inputs([str(cohort / "a.svs"), str(cohort / "sub" / "a.svs"), manifest]) == items
+def test_ids_depend_on_the_path_alone(cohort: Path) -> None:
+    a, sub_a, d = str(cohort / "a.svs"), str(cohort / "sub" / "a.svs"), str(cohort / "sub" / "d.ndpi")
+    alone = {i.uri: i.slide_id for i in expand_inputs([sub_a])}
+    both = {i.uri: i.slide_id for i in expand_inputs([a, sub_a, d])}
+    reversed_ = {i.uri: i.slide_id for i in expand_inputs([d, sub_a, a])}
+    assert both == reversed_ and both[sub_a] == alone[sub_a] and both[a] != both[sub_a]
+    assert both[a].startswith("a-") and both[sub_a].startswith("a-")
+    assert stable_slide_id(f"file://{a}") == both[a]
+    signed = "http://127.0.0.1:9/bucket/s.svs?X-Amz-Signature=abc&X-Amz-Date=20260101T000000Z&version=2"
+    resigned = "http://127.0.0.1:9/bucket/s.svs?version=2&X-Amz-Signature=def&X-Amz-Date=20260102T000000Z"
+    assert stable_slide_id(signed) == stable_slide_id(resigned) != stable_slide_id(signed.replace("version=2", "version=3"))
+    manifest = write_csv(cohort / "m.csv", f"slide_uri,slide_id\nsub/d.ndpi,{both[a]}\n")
+    with pytest.raises(ConfigError, match="is given to both"):
+        expand_inputs([a, manifest])
 
 
 @pytest.mark.parametrize(

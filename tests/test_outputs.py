@@ -6,6 +6,7 @@ import io
 import json
 import math
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,10 @@ from nucleiscope.pipeline.measure.outputs import (
     QcCanvas,
     clear_failure_record,
     consolidate,
+    drop_other_files,
     package_versions,
     read_slide_records,
+    reconcile,
     write_failure_record,
     write_run_json,
     write_slide_record,
@@ -82,8 +85,14 @@ def wkb_of(value: Any) -> bytes:
 def two_slides(tmp_path: Path) -> tuple[Path, dict[str, pa.Table]]:
     tables = {"A": [nuclei("A", 2), nuclei("A", 3, origin=(0, 200), first_id=3)], "B-1": [nuclei("B-1", 4)]}
     for slide_id, parts in tables.items():
-        commit(str(tmp_path), slide_id, parts, row_group_rows=2)
+        commit(str(tmp_path), slide_id, parts, row_group_rows=2, provenance={"config_hash": "h1", "mpp": 0.5})
     return tmp_path, {k: pa.concat_tables(v) for k, v in tables.items()}
+
+
+def only_file(root: Path, slide_id: str) -> Path:
+    files = list((root / "nuclei" / f"slide_id={slide_id}").iterdir())
+    assert len(files) == 1, files
+    return files[0]
 
 
 def test_dataset_readers_agree(two_slides: tuple[Path, dict[str, pa.Table]]) -> None:
@@ -103,14 +112,16 @@ def test_dataset_readers_agree(two_slides: tuple[Path, dict[str, pa.Table]]) -> 
 
 def test_geoparquet_metadata_and_single_file(two_slides: tuple[Path, dict[str, pa.Table]]) -> None:
     root, tables = two_slides
-    path = root / "nuclei" / "slide_id=A" / "part-0.parquet"
+    path = only_file(root, "A")
+    assert path.name.startswith("part-") and path.suffix == ".parquet"
     schema = pq.read_schema(path)
     geo = json.loads(schema.metadata[b"geo"])
     assert geo["version"] == "1.1.0" and geo["primary_column"] == "geometry"
     column = geo["columns"]["geometry"]
     assert column["encoding"] == "WKB" and column["geometry_types"] == ["Polygon"]
     assert "crs" in column and column["crs"] is None
-    assert json.loads(schema.metadata[b"nucleiscope"])["slide_id"] == "A"
+    own = json.loads(schema.metadata[b"nucleiscope"])
+    assert own == {"slide_id": "A", "format_version": "1", "config_hash": "h1", "mpp": 0.5}
     single = pq.read_table(path)
     assert single.column_names == [n for n in NUCLEI_SCHEMA.names if n != "slide_id"]
     assert single.num_rows == 5
@@ -119,19 +130,52 @@ def test_geoparquet_metadata_and_single_file(two_slides: tuple[Path, dict[str, p
     assert gpd.read_parquet(path).geometry.is_valid.all()
 
 
-def test_recommit_replaces_partition_and_tmp_is_invisible(two_slides: tuple[Path, dict[str, pa.Table]]) -> None:
+def test_recommit_retires_the_old_file_only_at_the_record_and_tmp_is_invisible(
+    two_slides: tuple[Path, dict[str, pa.Table]],
+) -> None:
     root, _ = two_slides
+    out = str(root)
+    old = only_file(root, "A")
+    write_slide_record(out, {"slide_id": "A", "nuclei_file": old.name, "finished_at": "2026-01-01T00:00:00+00:00"})
+    write_slide_record(out, {"slide_id": "B-1", "nuclei_file": only_file(root, "B-1").name})
     (root / "nuclei" / "slide_id=A" / "part-9.parquet").write_bytes(b"stale")
-    pending = NucleiWriter(str(root), "C", row_group_rows=1)
+    pending = NucleiWriter(out, "C", row_group_rows=1)
     pending.write(nuclei("C", 2))  # flushed into nuclei/_tmp, not committed
     assert list((root / "nuclei" / "_tmp").rglob("*")), "expected an in-progress file"
-    commit(str(root), "A", [nuclei("A", 1)])
-    assert sorted(p.name for p in (root / "nuclei" / "slide_id=A").iterdir()) == ["part-0.parquet"]
+    new = commit(out, "A", [nuclei("A", 1)]).rsplit("/", 1)[1]
+    # Before the record: the old file is still the slide's, and stays; the unnamed ones go.
+    assert sorted(p.name for p in (root / "nuclei" / "slide_id=A").iterdir()) == sorted([old.name, new, "part-9.parquet"])
+    pending.abort()
+    reconcile(out)
+    assert [p.name for p in (root / "nuclei" / "slide_id=A").iterdir()] == [old.name]
+    new = commit(out, "A", [nuclei("A", 1)]).rsplit("/", 1)[1]
+    write_slide_record(out, {"slide_id": "A", "nuclei_file": new})  # the commit point
+    drop_other_files(out, "A", new)
+    assert [p.name for p in (root / "nuclei" / "slide_id=A").iterdir()] == [new]
     for reader, df in read_all(root).items():
         assert df["slide_id"].value_counts().to_dict() == {"B-1": 4, "A": 1}, reader
-    pending.abort()
     assert not list((root / "nuclei" / "_tmp").rglob("*.inprogress"))
     assert not (root / "nuclei" / "slide_id=C").exists()
+
+
+def test_reconcile_keeps_the_newer_of_done_and_failed(tmp_path: Path) -> None:
+    out = str(tmp_path)
+    file_a = commit(out, "A", [nuclei("A", 2)]).rsplit("/", 1)[1]
+    file_b = commit(out, "B", [nuclei("B", 2)]).rsplit("/", 1)[1]
+    write_failure_record(out, "A", "/a.tif", "open", "OSError", "failed before it was done")
+    write_slide_record(out, {"slide_id": "A", "nuclei_file": file_a, "finished_at": datetime.now(timezone.utc)})
+    write_slide_record(out, {"slide_id": "B", "nuclei_file": file_b, "finished_at": "2026-01-01T00:00:00+00:00"})
+    (tmp_path / "qc").mkdir()
+    for name in ("A", "B"):
+        (tmp_path / "qc" / f"{name}.png").write_bytes(b"png")
+    write_failure_record(out, "B", "/b.tif", "open", "SlideNotFoundError", "the changed file failed")
+    ledger = reconcile(out)
+    assert sorted(ledger.done) == ["A"] and sorted(ledger.failed) == ["B"]
+    assert not (tmp_path / "_records" / "failures" / "A.json").exists()
+    assert not (tmp_path / "_records" / "slides" / "B.json").exists()
+    assert not (tmp_path / "nuclei" / "slide_id=B").exists()
+    assert sorted(p.name for p in (tmp_path / "qc").iterdir()) == ["A.png"]
+    assert consolidate(out) == (1, 1)
 
 
 def test_abort_and_context_manager(tmp_path: Path) -> None:
@@ -162,7 +206,7 @@ def test_writer_validates_tables(tmp_path: Path) -> None:
 def test_empty_slide_commits_a_readable_file(tmp_path: Path) -> None:
     commit(str(tmp_path), "E", [nuclei("E", 1).slice(0, 0)])
     commit(str(tmp_path), "F", [nuclei("F", 2)])
-    assert pq.read_table(tmp_path / "nuclei" / "slide_id=E" / "part-0.parquet").num_rows == 0
+    assert pq.read_table(only_file(tmp_path, "E")).num_rows == 0
     for reader, df in read_all(tmp_path).items():
         assert df["slide_id"].tolist() == ["F", "F"], reader
 
@@ -195,11 +239,11 @@ def test_records_and_consolidate(tmp_path: Path) -> None:
     assert consolidate(out) == (0, 0)
     assert pq.read_schema(tmp_path / "slides.parquet").equals(SLIDES_SCHEMA, check_metadata=False)
     assert pq.read_schema(tmp_path / "failures.parquet").equals(FAILURES_SCHEMA, check_metadata=False)
+    write_failure_record(out, "B-1", "/data/B-1.tif", "segment", "RuntimeError", "earlier attempt")
     for slide_id, count in [("A", 2), ("B-1", 3)]:
         summary = SlideSummary()
         summary.add(nuclei(slide_id, count))
         write_slide_record(out, finish(summary, slide_id))
-    write_failure_record(out, "B-1", "/data/B-1.tif", "segment", "RuntimeError", "earlier attempt")
     write_failure_record(out, "C", "/data/C.tif", "open", "SlideFormatError", "not a TIFF")
     write_failure_record(out, "D", "/data/D.tif", "read", "OSError", "gone")
     clear_failure_record(out, "D")
@@ -231,9 +275,10 @@ def test_memory_filesystem_round_trip() -> None:
         assert dataset.to_table().column("slide_id").to_pylist() == ["M"] * 3
         summary = SlideSummary()
         summary.add(table)
-        write_slide_record(out, finish(summary, "M"))
+        write_slide_record(out, {**finish(summary, "M"), "nuclei_file": path.rsplit("/", 1)[1]})
         write_failure_record(out, "N", "/n.tif", "open", "SlideNotFoundError", "missing")
         assert consolidate(out) == (1, 1)
+        assert fs.exists(path)  # named by its record: reconcile keeps it
         write_run_json(out, {"config": {"tile_px": 1024}, "versions": package_versions()})
         assert json.loads(fs.cat_file(f"{out}/run.json"))["config"]["tile_px"] == 1024
         assert not fs.glob(f"{out}/nuclei/_tmp/**/*.inprogress")

@@ -28,7 +28,7 @@ from nucleiscope.pipeline.measure.outputs import (
     write_run_json,
     write_slide_record,
 )
-from nucleiscope.pipeline.slides.inputs import SlideInput, expand_inputs
+from nucleiscope.pipeline.slides.inputs import SlideInput, expand_inputs, stable_slide_id
 from nucleiscope.pipeline.slides.slide import Slide
 from tests.synthetic import SyntheticTruth
 
@@ -127,7 +127,7 @@ def test_aws_environment_is_used_when_no_options_are_given(
     assert done.returncode == 0, done.stderr[-2000:]
     with Slide.open(s3_slide, storage_options=s3_server.storage_options) as slide:
         checksum = int(slide.read_region(900, 700, 64, 64, 0.5).sum())
-    assert done.stdout.split() == ["synthetic", "3000", str(checksum)]
+    assert done.stdout.split() == [stable_slide_id(s3_slide), "3000", str(checksum)]
 
 
 def test_expand_inputs_over_prefixes_and_globs(
@@ -137,9 +137,8 @@ def test_expand_inputs_over_prefixes_and_globs(
     for key in ("cohort/synthetic.svs", "cohort/sub/synthetic.svs", "cohort/b.tif", "cohort/notes.txt",
                 "cohort/thumb.png", "other/z.svs"):
         put_bytes(s3_server, f"s3://{bucket}/{key}", b"content is not read here")
-    expected = [SlideInput(f"s3://{bucket}/cohort/b.tif", "b"),
-                SlideInput(f"s3://{bucket}/cohort/sub/synthetic.svs", "synthetic"),
-                SlideInput(f"s3://{bucket}/cohort/synthetic.svs", "synthetic-2")]
+    expected = [SlideInput(u, stable_slide_id(u)) for u in (f"s3://{bucket}/cohort/b.tif",
+                f"s3://{bucket}/cohort/sub/synthetic.svs", f"s3://{bucket}/cohort/synthetic.svs")]
     assert expand_inputs([f"s3://{bucket}/cohort/"], storage_options=options) == expected
     assert expand_inputs([f"s3://{bucket}/cohort"], storage_options=options) == expected  # a "directory"
     glob = expand_inputs([f"s3://{bucket}/cohort/*.svs", f"s3://{bucket}/*/z.svs"], storage_options=options)
@@ -152,7 +151,7 @@ def test_expand_inputs_over_prefixes_and_globs(
     again = expand_inputs([f"s3://{bucket}/cohort"], storage_options=options)
     assert [i.uri.rsplit("/", 1)[1] for i in again] == ["b.tif", "c.svs", "d.svs", "synthetic.svs", "synthetic.svs"]
     explicit = f"s3://{bucket}/cohort/not-there.svs"  # named objects are not checked here
-    assert expand_inputs([explicit], storage_options=options) == [SlideInput(explicit, "not-there")]
+    assert expand_inputs([explicit], storage_options=options) == [SlideInput(explicit, stable_slide_id(explicit))]
     with caplog.at_level(logging.WARNING):
         assert expand_inputs([f"s3://{bucket}/empty/"], storage_options=options) == []
     assert "no slide" in caplog.text
@@ -171,7 +170,7 @@ def test_expand_inputs_from_s3_manifests(s3_server: S3Endpoint, s3_slide: str) -
     parquet_uri = put_bytes(s3_server, f"s3://{bucket}/slides/more.parquet", buffer.getvalue())
     items = expand_inputs([csv_uri], storage_options=options)
     assert items == [SlideInput(s3_slide, "case-1", 0.25)]  # the repeated URI is dropped
-    assert expand_inputs([parquet_uri], storage_options=options) == [SlideInput(s3_slide, "synthetic", 0.3)]
+    assert expand_inputs([parquet_uri], storage_options=options) == [SlideInput(s3_slide, stable_slide_id(s3_slide), 0.3)]
     with Slide.open(items[0].uri, storage_options=options, mpp_override=items[0].mpp) as slide:
         assert slide.info.mpp_source == "override"
     bad = put_bytes(s3_server, f"s3://{bucket}/slides/bad.csv", b"path\nx.svs\n")
@@ -195,20 +194,22 @@ def test_outputs_commit_and_consolidate_on_s3(s3_server: S3Endpoint, s3_bucket: 
         writer.write(nuclei_table("slide-1", 3))
         writer.write(nuclei_table("slide-1", 2))
         path = writer.commit()
-    assert path == f"{bucket}/results/nuclei/slide_id=slide-1/part-0.parquet"
-    write_slide_record(out, {"slide_id": "slide-1", "nuclei_count": 5}, storage_options=options)
+    key = path.removeprefix(f"{bucket}/")
+    assert key == f"results/nuclei/slide_id=slide-1/{writer.file_name}" and writer.file_name.startswith("part-")
+    write_slide_record(out, {"slide_id": "slide-1", "nuclei_count": 5, "nuclei_file": writer.file_name},
+                       storage_options=options)  # fmt: skip
     write_failure_record(out, "slide-2", "s3://in/b.svs", "open", "SlideFormatError", "not a TIFF",
                          storage_options=options)  # fmt: skip
     assert consolidate(out, storage_options=options) == (1, 1)
     client = s3_server.client()
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
-    assert "results/nuclei/slide_id=slide-1/part-0.parquet" in keys
+    assert [k for k in keys if k.startswith("results/nuclei/")] == [key]
     assert not [k for k in keys if "/_tmp/" in k or k.endswith(".inprogress")]
 
     def table(key: str) -> pa.Table:
         return pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read()))
 
-    nuclei = table("results/nuclei/slide_id=slide-1/part-0.parquet")
+    nuclei = table(key)
     assert nuclei.num_rows == 5 and b"geo" in nuclei.schema.metadata
     assert table("results/slides.parquet").column("nuclei_count").to_pylist() == [5]
     assert table("results/failures.parquet").column("slide_id").to_pylist() == ["slide-2"]

@@ -9,7 +9,6 @@ committed atomically at the end; a failure anywhere commits nothing of that slid
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,14 +25,17 @@ from numpy.typing import NDArray
 
 from ..measure.artefacts import classify_objects, remove_dropped
 from ..measure.morphometrics import measure_nuclei
-from ..measure.outputs import NucleiWriter, QcCanvas, write_slide_record
+from ..measure.outputs import NucleiWriter, QcCanvas
+from ..measure.records import clear_failure_record, drop_other_files, write_slide_record
 from ..measure.summary import SlideSummary
 from ..segmentation.protocol import Segmenter, SlideStats
+from ..slides.fingerprint import slide_fingerprint
 from ..slides.inputs import redact
 from ..slides.slide import Slide, SlideInfo, slide_id_from_uri
 from ..tiling.plan import Tile, TilePlan, keep_owned, plan_tiles
 from ..tiling.tissue import tissue_area_mm2, tissue_mask
 from .config import ExtractConfig
+from .identity import RunIdentity, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +98,11 @@ class PreparedSlide:
     seconds: dict[str, float]
     #: Whether objects that are not nuclei are dropped / flagged (``ExtractConfig.artefacts``).
     artefacts: bool = True
-
-
-def config_hash(config: ExtractConfig, model_id: str) -> str:
-    """Identifier of everything that decides a slide's rows (config and model)."""
-    payload = json.dumps({"config": config.public_dict(), "model_id": model_id}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    #: The file's size and version when it was opened (``slides.fingerprint``): how a rerun
+    #: knows it changed.
+    fingerprint: str | None = None
+    #: The µm/px override this slide was run with (per slide or for the run), if any.
+    mpp_override: float | None = None
 
 
 def qc_mpp(info: SlideInfo, max_px: int) -> float:
@@ -144,8 +145,10 @@ def prepare_slide(
     timer = timer or StageTimer()
     opts = storage_options if storage_options is not None else config.storage_options
     seg_mpp = config.seg_mpp or segmenter.mpp
+    override = mpp_override or config.mpp_override
     with timer("open"):
-        slide = Slide.open(uri, storage_options=opts, mpp_override=mpp_override or config.mpp_override)
+        slide = Slide.open(uri, storage_options=opts, mpp_override=override)
+        fingerprint = slide_fingerprint(uri, opts)
     with slide:
         info = slide.info
         with timer("tissue"):
@@ -159,7 +162,7 @@ def prepare_slide(
             qc = slide.thumbnail(qc_mpp(info, config.qc_max_px))
     log.info("%s: %d of %d tiles on tissue at %.3f µm/px", slide_id, len(plan.tiles), plan.total_tiles, seg_mpp)
     return PreparedSlide(uri, slide_id, info, stats, plan, seg_mpp, area_mm2, qc, dict(timer.seconds),
-                         config.artefacts)
+                         config.artefacts, fingerprint, override)
 
 
 def reopen_slide(prepared: PreparedSlide, storage_options: Mapping[str, Any] | None) -> Slide:
@@ -218,13 +221,17 @@ def order_rows(table: pa.Table) -> pa.Table:
 class SlideSink:
     """Where a slide's rows go, in tile order: GeoParquet file, QC picture, summary.
 
-    ``write`` numbers rows slide-wide; ``commit`` makes the slide's file visible
-    atomically and returns its summary record; ``abort`` leaves nothing behind.
+    ``write`` numbers rows slide-wide; ``commit`` runs the commit sequence of ``records``
+    (nucleus file into its partition, QC picture, the record: the commit point, then the
+    slide's older files and failure record removed) and returns the record; ``abort``
+    leaves nothing behind.
     """
 
-    def __init__(self, out: str, prepared: PreparedSlide, storage_options: Mapping[str, Any] | None) -> None:
-        self.out, self.prepared, self.options = out, prepared, storage_options
-        self.writer = NucleiWriter(out, prepared.slide_id, storage_options=storage_options)
+    def __init__(self, out: str, prepared: PreparedSlide, identity: RunIdentity,
+                 storage_options: Mapping[str, Any] | None) -> None:
+        self.out, self.prepared, self.identity, self.options = out, prepared, identity, storage_options
+        provenance = {**identity.metadata(), "mpp": prepared.info.mpp, "seg_mpp": prepared.seg_mpp}
+        self.writer = NucleiWriter(out, prepared.slide_id, storage_options=storage_options, provenance=provenance)
         self.qc = QcCanvas(prepared.qc_thumbnail, (prepared.info.width_px, prepared.info.height_px))
         self.summary = SlideSummary()
         self.count = 0
@@ -238,17 +245,20 @@ class SlideSink:
         self.qc.add(table)
         self.summary.add(table)
 
-    def commit(self, config: ExtractConfig, segmenter_name: str, model_id: str, timer: StageTimer,
-               wall_seconds: float) -> dict[str, Any]:
-        """Commit the slide's files and write its record; ``wall_seconds`` (the slide's time so
-        far) is extended by the commit's own, so seconds_total covers every timed stage."""
+    def commit(self, timer: StageTimer, wall_seconds: float) -> dict[str, Any]:
+        """Commit the slide and return its record; ``wall_seconds`` (the slide's time so far)
+        is extended by the commit's own, so seconds_total covers every timed stage."""
         start = time.perf_counter()
+        slide_id = self.prepared.slide_id
         with timer("write"):
             self.writer.commit()
-            self.qc.save(self.out, self.prepared.slide_id, storage_options=self.options)
+            self.qc.save(self.out, slide_id, storage_options=self.options)
         wall_seconds += time.perf_counter() - start
-        record = slide_record(self.prepared, config, segmenter_name, model_id, timer, wall_seconds, self.summary)
-        write_slide_record(self.out, record, storage_options=self.options)
+        record = slide_record(self.prepared, self.identity, timer, wall_seconds, self.summary,
+                              self.writer.file_name)  # fmt: skip
+        write_slide_record(self.out, record, storage_options=self.options)  # the commit point
+        drop_other_files(self.out, slide_id, self.writer.file_name, storage_options=self.options)
+        clear_failure_record(self.out, slide_id, storage_options=self.options)
         return record
 
     def abort(self) -> None:
@@ -259,20 +269,23 @@ def extract_slide(
     uri: str, out: str, config: ExtractConfig, segmenter: Segmenter, *,
     slide_id: str | None = None, mpp_override: float | None = None,
     storage_options: Mapping[str, Any] | None = None, progress: ProgressFn | None = None,
+    identity: RunIdentity | None = None,
 ) -> dict[str, Any]:
     """Extract every nucleus of one slide into ``out`` in this process; returns its record.
+    ``identity`` (default: ``run_identity`` of config and segmenter) is what the rows record.
 
     Raises ``SlideFailure`` (with the stage and the original error) when the slide
     cannot be processed; nothing of that slide is committed then.
     """
     slide_id = slide_id or slide_id_from_uri(uri)
     opts = storage_options if storage_options is not None else config.storage_options
+    identity = identity or run_identity(config, segmenter)
     timer = StageTimer()
     start = time.perf_counter()
     try:
         prepared = prepare_slide(uri, slide_id, config, segmenter, mpp_override=mpp_override,
                                  storage_options=opts, timer=timer)  # fmt: skip
-        sink = SlideSink(out, prepared, opts)
+        sink = SlideSink(out, prepared, identity, opts)
         try:
             with reopen_slide(prepared, opts) as slide:
                 for done, tile in enumerate(prepared.plan.tiles, start=1):
@@ -285,7 +298,7 @@ def extract_slide(
                         sink.write(table)
                     if progress is not None:
                         progress(done, len(prepared.plan.tiles))
-            return sink.commit(config, segmenter.name, segmenter.model_id, timer, time.perf_counter() - start)
+            return sink.commit(timer, time.perf_counter() - start)
         except BaseException:
             sink.abort()
             raise
@@ -294,17 +307,18 @@ def extract_slide(
 
 
 def slide_record(
-    prepared: PreparedSlide, config: ExtractConfig, segmenter_name: str, model_id: str,
-    timer: StageTimer, wall_seconds: float, summary: SlideSummary,
+    prepared: PreparedSlide, identity: RunIdentity, timer: StageTimer, wall_seconds: float,
+    summary: SlideSummary, nuclei_file: str,
 ) -> dict[str, Any]:
-    """The slide's row of slides.parquet."""
+    """The slide's row of slides.parquet (and its commit record, naming its nucleus file)."""
     info, plan = prepared.info, prepared.plan
     seconds = {f"seconds_{k}": round(v, 4) for k, v in timer.seconds.items()}
     compute = sum(timer.seconds.get(k, 0.0) for k in ("read", "segment", "postprocess", "measure"))
     return summary.finish(
         slide_id=prepared.slide_id, uri=redact(prepared.uri), width_px=info.width_px, height_px=info.height_px,
-        mpp=info.mpp, mpp_source=info.mpp_source, seg_mpp=prepared.seg_mpp, segmenter=segmenter_name,
-        model_id=model_id, config_hash=config_hash(config, model_id),
+        mpp=info.mpp, mpp_source=info.mpp_source, mpp_override=prepared.mpp_override, seg_mpp=prepared.seg_mpp,
+        segmenter=identity.segmenter, model_id=identity.model_id, config_hash=identity.config_hash,
+        fingerprint=prepared.fingerprint, nuclei_file=nuclei_file,
         tissue_area_mm2=prepared.tissue_area_mm2, tiles=len(plan.tiles), tile_px=plan.tile_px,
         overlap_px=plan.overlap_px, megapixels=len(plan.tiles) * plan.tile_px**2 / 1e6,
         tiles_per_s=len(plan.tiles) / compute if compute > 0 else 0.0,

@@ -28,10 +28,16 @@ _HEAD_FIELDS = [
     pa.field("height_px", pa.int64()),
     pa.field("mpp", pa.float64()),
     pa.field("mpp_source", pa.string()),
+    #: The µm/px override the slide ran with (manifest or run), null when none.
+    pa.field("mpp_override", pa.float64()),
     pa.field("seg_mpp", pa.float64()),
     pa.field("segmenter", pa.string()),
     pa.field("model_id", pa.string()),
     pa.field("config_hash", pa.string()),
+    #: Size and ETag (or mtime) of the file when it was read: a changed file is redone.
+    pa.field("fingerprint", pa.string()),
+    #: The slide's one file under nuclei/slide_id=<id>/.
+    pa.field("nuclei_file", pa.string()),
     pa.field("tissue_area_mm2", pa.float64()),
     pa.field("nuclei_count", pa.int64()),
     pa.field("nuclei_per_mm2", pa.float64()),

@@ -105,6 +105,8 @@ class AttentionSegmenter:
         self.context_um = self.receptive_field_px / 2 * WORKING_MPP + MAX_NUCLEUS_RADIUS_UM
         cuda = self.device.type == "cuda"
         self._bf16 = cuda
+        # One tile a pass on the CPU: CPU kernels are chosen by batch size, so batching would make
+        # the rows depend on how tiles were grouped (in-process vs Ray). CUDA batches for speed.
         self._max_batch = max_batch if max_batch is not None else (8 if cuda else 1)
         self._net = to_device(self._net, self.device, channels_last=cuda).eval()
         self._warned_mpp = False
@@ -113,6 +115,10 @@ class AttentionSegmenter:
     def tau_ema(self) -> float:
         """The calibrated threshold on z the network uses."""
         return float(self._net.tau_ema)
+
+    def precision(self, device: str) -> str:
+        """bf16 autocast on CUDA, float32 elsewhere."""
+        return "bf16" if device == "cuda" else "fp32"
 
     def fit(self, rgb: NDArray[np.uint8], mpp: float) -> SlideStats:
         """Reinhard statistics (LAB mean/std of tissue, white level) of the fit view and, unless

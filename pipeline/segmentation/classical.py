@@ -123,6 +123,10 @@ class ClassicalSegmenter:
     def __repr__(self) -> str:
         return f"ClassicalSegmenter({self.params!r})"
 
+    def precision(self, device: str) -> str:
+        """float64 NumPy/SciPy on the CPU, whatever device the run names."""
+        return "fp64"
+
     def fit(self, rgb: NDArray[np.uint8], mpp: float) -> SlideStats:
         """Otsu threshold of haematoxylin OD over tissue pixels of a ~``fit_mpp`` view."""
         _check_mpp(mpp)

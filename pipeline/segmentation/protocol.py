@@ -44,6 +44,11 @@ class Segmenter(Protocol):
     #: depend only on the pixels (1 for most; 8 for a U-Net that pools three times).
     grid_px: int
 
+    def precision(self, device: str) -> str:
+        """The arithmetic of the per-pixel pass on a device kind (``cpu``, ``cuda``): part of
+        a run's identity, since it decides the bytes of the rows."""
+        ...
+
     def fit(self, rgb: NDArray[np.uint8], mpp: float) -> SlideStats:
         """Compute per-slide statistics from a (low-resolution) RGB view of the tissue."""
         ...

@@ -225,7 +225,9 @@ class StudentSegmenter:
         self.metadata = meta
         self.device = pick_device(device)
         self._net = net.to(self.device).eval()
-        self._max_batch = max_batch if max_batch is not None else (8 if self.device.type == "cuda" else 2)
+        # One tile a pass on the CPU: CPU kernels are chosen by batch size, so batching would make
+        # the rows depend on how tiles were grouped (in-process vs Ray). CUDA batches for speed.
+        self._max_batch = max_batch if max_batch is not None else (8 if self.device.type == "cuda" else 1)
         self.tta = bool(tta)
         self.postprocess_params = post
         self.mpp = mpp
@@ -234,6 +236,10 @@ class StudentSegmenter:
         self.receptive_field_px = net.receptive_field_px()
         self.context_um = self.receptive_field_px / 2 * mpp + MAX_NUCLEUS_RADIUS_UM
         self._warned_mpp = False
+
+    def precision(self, device: str) -> str:
+        """float32 network on every device; its probabilities are stored as float16."""
+        return "fp32"
 
     def fit(self, rgb: NDArray[np.uint8], mpp: float) -> SlideStats:
         """Reinhard statistics of a low-resolution view of the slide."""

@@ -27,6 +27,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from ..common.errors import ConfigError
+from ..common.identity import canonical_uri, short_digest
 from ..common.redact import redact, redacted_options
 from ..common.storage import url_to_fs
 from .slide import slide_id_from_uri
@@ -72,8 +73,8 @@ class _Entry:
 def expand_inputs(items: Sequence[str], *, storage_options: Mapping[str, Any] | None = None) -> list[SlideInput]:
     """Every slide named by ``items``, in order (listings and globs sorted), URIs de-duplicated.
 
-    Slide ids are a manifest's ``slide_id`` or the sanitised file stem; stems shared by
-    several slides get ``-2``, ``-3``, ... in input order, never taking an explicit id.
+    Slide ids are a manifest's ``slide_id`` or ``stable_slide_id(uri)`` (file stem plus a
+    digest of the canonical URI): the same file always gets the same id.
     Raises ConfigError (cause chained) for unreadable or invalid manifests, unlistable
     locations and duplicated explicit ids; an empty directory, prefix or glob only logs
     a warning.
@@ -207,10 +208,10 @@ def _check_unique_ids(entries: Sequence[_Entry], where: str) -> None:
 
 
 def _unique_uris(entries: Sequence[_Entry]) -> list[_Entry]:
-    """First entry of each slide (local paths compared as absolute paths)."""
+    """First entry of each slide (compared by canonical URI: absolute paths, no signatures)."""
     kept: dict[str, _Entry] = {}
     for entry in entries:
-        key = entry.uri if "://" in entry.uri else os.path.abspath(entry.uri)
+        key = canonical_uri(entry.uri)
         if key in kept:
             logger.debug("dropping repeated input %s", redact(entry.uri))
             continue
@@ -218,20 +219,22 @@ def _unique_uris(entries: Sequence[_Entry]) -> list[_Entry]:
     return list(kept.values())
 
 
+def stable_slide_id(uri: str) -> str:
+    """The id of a slide named by nothing but ``uri``: its sanitised file stem and 8 hex digits
+    of its canonical URI (``common.identity``), so that no other input and no input order can
+    change it, and two files with one stem never share it."""
+    return f"{slide_id_from_uri(uri)}-{short_digest(canonical_uri(uri))}"
+
+
 def _assign_ids(entries: Sequence[_Entry]) -> list[SlideInput]:
     _check_unique_ids(entries, "inputs")
-    taken = {e.slide_id for e in entries if e.slide_id is not None}
-    result = []
-    for entry in entries:
-        slide_id = entry.slide_id
-        if slide_id is None:
-            base = slide_id_from_uri(entry.uri)
-            slide_id, n = base, 1
-            while slide_id in taken:
-                n += 1
-                slide_id = f"{base}-{n}"
-            taken.add(slide_id)
-        result.append(SlideInput(entry.uri, slide_id, entry.mpp))
+    result = [SlideInput(e.uri, e.slide_id or stable_slide_id(e.uri), e.mpp) for e in entries]
+    seen: dict[str, str] = {}
+    for item in result:  # a manifest's explicit id may equal another slide's derived one
+        if item.slide_id in seen:
+            raise ConfigError(f"inputs: slide_id {item.slide_id!r} is given to both "
+                              f"{redact(seen[item.slide_id])} and {redact(item.uri)}")
+        seen[item.slide_id] = item.uri
     return result
 
 
@@ -274,5 +277,5 @@ def with_s3_retries(storage_options: Mapping[str, Any] | None, uris: Sequence[st
     return options
 
 
-__all__ = ["MANIFEST_SUFFIXES", "S3_RETRY_ATTEMPTS", "SLIDE_SUFFIXES", "SlideInput", "expand_inputs",
+__all__ = ["MANIFEST_SUFFIXES", "S3_RETRY_ATTEMPTS", "SLIDE_SUFFIXES", "SlideInput", "expand_inputs", "stable_slide_id",
            "redact", "redacted_options", "with_s3_retries"]
