@@ -249,13 +249,17 @@ class RayCohort:
 
     def _restart(self, state: SlideState, stage: Stage, cause: BaseException) -> None:
         """Start the slide again from its prepare task (its writer, and its rows, are lost)."""
-        what = "writer" if self._writer_lost(state, cause) else f"{stage.value} worker"
-        if state.generation + 1 >= self.requested.max_tries:
-            reason = f"the slide's {what} died {state.generation + 1} times ({type(cause).__name__})"
-            self._fail(state, SlideFailure("write" if what == "writer" else "ray", WorkerLostError(reason)))
+        if self._writer_lost(state, cause):
+            what, where = "the slide's writer died", "write"
+        elif isinstance(cause, ray.exceptions.ObjectLostError):
+            what, where = "data it needed was lost (with its node)", "ray"
+        else:
+            what, where = f"its {stage.value} worker died", stage.value
+        tries = state.generation + 1
+        if tries >= self.requested.max_tries:
+            self._fail(state, SlideFailure(where, WorkerLostError(f"{what}, {tries} times ({type(cause).__name__})")))
             return
-        log.warning("slide %s: its %s died (%s); starting the slide again", state.item.slide_id, what,
-                    type(cause).__name__)  # fmt: skip
+        log.warning("slide %s: %s (%s); starting it again", state.item.slide_id, what, type(cause).__name__)
         if state.writer is not None:
             ray.kill(state.writer)
         self.active.pop(state.item.slide_id)
