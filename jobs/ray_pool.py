@@ -42,6 +42,10 @@ LOST_WORKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: Segmentation actors found dead for good (not restarting) that a run replaces, at most.
+MAX_REPLACED = 16
+
+
 class WorkerLostError(NucleiscopeError):
     """Workers kept dying on a slide's work (a poison tile, out of memory): ``reason`` says where."""
 
@@ -92,7 +96,8 @@ class SegmentPool:
         self.by_id: dict[str, int] = {}
         self.next_key = 0
         self.idle_since = time.monotonic()  #: since when no actor has been running
-        self.history: list[dict[str, Any]] = []  #: ``info`` of every actor that ran, as last seen
+        self.start_failed: BaseException | None = None  #: an actor's constructor raised: grow no more
+        self.replaced = 0  #: actors found dead for good and replaced
         self.resize(resources.actors)
 
     # --- size -------------------------------------------------------------------------
@@ -100,7 +105,7 @@ class SegmentPool:
         """Grow to ``target`` actors, or retire idle ones beyond it (waiting ones first)."""
         self.resources = resources or self.resources
         live = [k for k, m in self.members.items() if not m.retiring]
-        for _ in range(target - len(live)):
+        for _ in range(0 if self.start_failed else target - len(live)):
             self._add()
         if len(live) > target:
             idle = sorted((k for k in live if self.members[k].load == 0), key=lambda k: self.members[k].running)
@@ -118,9 +123,7 @@ class SegmentPool:
 
     def _end_retired(self) -> None:
         for key in [k for k, m in self.members.items() if m.retiring and m.load == 0]:
-            member = self.members.pop(key)
-            self.by_id.pop(member.actor_id, None)
-            ray.kill(member.handle)
+            self._drop(key)
             log.info("segmentation actor %d retired (%d in the pool)", key, len(self.members))
 
     @property
@@ -137,17 +140,33 @@ class SegmentPool:
         return {m.ping: k for k, m in self.members.items() if m.ping is not None}
 
     def pinged(self, ref: ObjectRef[dict[str, Any]], key: int) -> None:
-        """An actor's ``info`` returned: it runs (or it died again before: ask again)."""
+        """An actor's ``info`` returned: it runs; or it is restarting (ask again); or it is dead
+        for good (replace it); or its constructor raised (drop it; raise once none is left)."""
         member = self.members.get(key)
         if member is None or member.ping != ref:
             return
         try:
             member.info = ray.get(ref)
-        except Exception:  # noqa: BLE001 - died before it ran: ask again (it restarts)
-            member.ping = member.handle.info.remote()
+        except ray.exceptions.RayActorError as exc:
+            if exc.actor_init_failed:
+                self._drop(key)
+                log.error("a segmentation actor could not start: %s", exc)
+                self.start_failed = exc
+                if not self.members:
+                    raise NucleiscopeError(f"no segmentation actor could start: {exc}") from exc
+            elif isinstance(exc, ray.exceptions.ActorDiedError) and self.replaced < MAX_REPLACED:
+                self._drop(key)
+                self.replaced += 1
+                self._add()
+            else:
+                member.ping = member.handle.info.remote()
             return
         member.ping = None
-        self.history.append(member.info)
+
+    def _drop(self, key: int) -> None:
+        member = self.members.pop(key)
+        self.by_id.pop(member.actor_id, None)
+        ray.kill(member.handle)
 
     def lost(self, exc: BaseException) -> bool:
         """Note that ``exc`` reports one of these actors died; whether it did."""

@@ -132,7 +132,10 @@ class RayCohort:
         finally:
             self.bar.close()
             self.tile_bar.close()
-            self._request_resources(clear=True)
+            try:
+                self._request_resources(clear=True)
+            except Exception:  # noqa: BLE001 - never mask how the run ended
+                log.warning("could not withdraw the request to the autoscaler", exc_info=True)
         return self.done, self.failed
 
     def _step(self) -> None:

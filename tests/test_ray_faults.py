@@ -103,3 +103,27 @@ def test_gpus_on_a_cluster_without_gpus_stop_after_the_wait(
     # nothing was committed or recorded as failed: the slide is still pending for a rerun
     assert not (out / "slides.parquet").exists() or pd.read_parquet(out / "slides.parquet").empty
     assert not (out / "failures.parquet").exists() or pd.read_parquet(out / "failures.parquet").empty
+
+
+def broken_actor_class() -> Any:
+    """A segmentation actor whose constructor raises (say, no CUDA on its node)."""
+    import ray
+
+    class BrokenWorker(SegmentWorker):
+        def __init__(self, *args: Any) -> None:
+            raise RuntimeError("CUDA driver not found on this node")
+
+    return ray.remote(BrokenWorker)
+
+
+@pytest.mark.timeout(120)
+def test_actors_that_cannot_start_stop_the_run_at_once(
+    slides: list[SlideInput], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nucleiscope.pipeline.common.errors import NucleiscopeError
+
+    monkeypatch.setattr("nucleiscope.jobs.ray_pool.SegmentActor", broken_actor_class())
+    with pytest.raises(NucleiscopeError, match="(?s)no segmentation actor could start: .*CUDA driver not found"):
+        # the wait for actors that cannot be placed is far longer than the test's timeout
+        run_cohort_ray(slides[2:], str(tmp_path), CONFIG, make_segmenter("classical"), show_progress=False,
+                       options=RayOptions(actor_wait_s=3600))  # fmt: skip
