@@ -226,3 +226,38 @@ def test_the_pending_work_is_asked_of_the_autoscaler(
     assert batches - 1 in asked[first[0]:] and max(asked) <= batches, (asked, batches)
     assert all(r["bundles"] == [] for r in requests[:-1])
     assert requests[-1] == {"num_cpus": 0, "bundles": []}  # withdrawn at the end
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_the_pool_grows_retires_idle_actors_and_skips_dead_ones() -> None:
+    import ray
+
+    from nucleiscope.actors.resources import WorkerResources
+    from nucleiscope.jobs.ray_pool import SegmentPool
+
+    pool = SegmentPool(ExtractConfig(), WorkerResources(1, 0.0, 0.0, 1.0), start_timeout_s=60)
+    try:
+        pool.resize(3)
+        assert pool.size == 3 and pool.pick() is None  # none runs yet: none takes work
+        for ref, key in pool.pings.items():
+            ray.wait([ref], timeout=60)
+            pool.pinged(ref, key)
+        busy = pool.pick()
+        assert busy is not None
+        pool.take(busy)
+        pool.resize(1)  # the cluster shrank: the two idle actors go, the busy one stays
+        assert pool.size == 1 and list(pool.members) == [busy]
+        ray.kill(pool.members[busy].handle, no_restart=False)  # its process dies; Ray restarts it
+        assert pool.lost(ray.exceptions.ActorDiedError()) is False  # an error naming no actor of the pool
+        error = ray.exceptions.RayActorError(actor_id=pool.members[busy].actor_id)
+        assert pool.lost(error) and pool.pick() is None  # not used until it runs again
+        pool.release(busy)
+        for _ in range(100):  # asked again while it restarts, until it answers
+            if not pool.pings:
+                break
+            ref, key = next(iter(pool.pings.items()))
+            ray.wait([ref], timeout=60)
+            pool.pinged(ref, key)
+        assert pool.pick() == busy
+    finally:
+        pool.kill_all()
