@@ -16,6 +16,13 @@ Both run the classical segmenter on a fresh local Ray (``--cpus``) in a child pr
 Prints, per engine: median wall time and tiles/s of the runs, the driver's peak RSS and
 the object store's peak use (sampled every 0.5 s), and whether every slide's nuclei rows
 equal those of an in-process run exactly (each nucleus once, same values).
+
+On a 2-core machine (one core shared with another job), 4 slides of 2000-4000 px²:
+tile 512 px (59 tiles): driver 23.0 s / 2.6 tiles/s, Ray Data 23.5 s / 2.5 tiles/s;
+tile 256 px (219 tiles): driver 16.3 s / 13.4 tiles/s, Ray Data 19.6 s / 11.2 tiles/s.
+Driver peak RSS 337-359 MB against 413-414 MB, object store peak 67-76 MiB against
+72-92 MiB; both exactly once. The driver stays (it also resumes, records failures,
+bounds retries and streams each slide to its own writer).
 """
 
 from __future__ import annotations

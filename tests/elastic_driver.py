@@ -18,7 +18,7 @@ import ray
 from nucleiscope.jobs.run_ray import RayCohort, RayOptions, run_cohort_ray
 from nucleiscope.pipeline.extraction.config import ExtractConfig
 from nucleiscope.pipeline.segmentation.registry import make_segmenter
-from nucleiscope.pipeline.slides.inputs import SlideInput
+from nucleiscope.pipeline.slides.inputs import expand_inputs
 
 REFRESH_S = 0.5
 WAIT_S = 120.0
@@ -47,7 +47,7 @@ def main(address: str, out: str, markers: Path, tile_px: int, slides: list[str])
             ray.wait(list(cohort.pool.pings), num_returns=len(cohort.pool.pings), timeout=WAIT_S)
 
     options = RayOptions(tiles_per_batch=2, max_batches=4, accelerator="seg", refresh_s=REFRESH_S)
-    items = [SlideInput(p, Path(p).stem, None) for p in slides]
+    items = expand_inputs(slides)  # the slide ids the CLI gives them
     result = run_cohort_ray(items, out, ExtractConfig(tile_px=tile_px), make_segmenter("classical"),
                             options=options, show_progress=False, on_event=on_event)  # fmt: skip
     print("RESULT " + json.dumps({"done": result.done, "failed": result.failed, "pool_sizes": sorted(set(sizes)),

@@ -27,7 +27,7 @@ import pytest
 from nucleiscope.jobs.run_local import run_cohort_local
 from nucleiscope.pipeline.extraction.config import ExtractConfig
 from nucleiscope.pipeline.segmentation.registry import make_segmenter
-from nucleiscope.pipeline.slides.inputs import SlideInput
+from nucleiscope.pipeline.slides.inputs import expand_inputs
 from tests.synthetic import write_synthetic_slide
 from tests.test_cluster import (
     START_TIMEOUT_S,
@@ -129,7 +129,7 @@ def tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def calm(slides: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The cohort's tables from an undisturbed run in this process."""
     out = tmp_path_factory.mktemp("elastic-calm")
-    items = [SlideInput(p, Path(p).stem, None) for p in slides]
+    items = expand_inputs(slides)  # the slide ids the CLI (and tests/elastic_driver.py) give them
     run_cohort_local(items, str(out), ExtractConfig(tile_px=TILE_PX), make_segmenter("classical"), show_progress=False)
     return tables(out)
 
@@ -214,7 +214,7 @@ def test_the_pending_work_is_asked_of_the_autoscaler(
 
             time.sleep(0.5)
 
-    result = run_cohort_ray([SlideInput(slides[0], "e0", None)], str(tmp_path), ExtractConfig(tile_px=TILE_PX),
+    result = run_cohort_ray(expand_inputs(slides[:1]), str(tmp_path), ExtractConfig(tile_px=TILE_PX),
                             make_segmenter("classical"), options=options, show_progress=False,
                             on_event=pause_once)  # fmt: skip
     assert result.done == 1
