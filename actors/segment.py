@@ -90,22 +90,40 @@ def measure_task(
     return tables, timer.seconds
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
-class SegmentActor:
-    """Holds one segmenter (model loaded once) and runs its per-pixel pass on tiles."""
+class SegmentWorker:
+    """Holds one segmenter (model loaded once) and runs its per-pixel pass on tiles.
+
+    As the Ray actor ``SegmentActor`` it is restarted when its process dies, and a task
+    in flight then fails at once (no Ray-level retry): the driver decides what to retry,
+    so that a tile that kills its worker every time ends as its slide's failure.
+    """
 
     def __init__(self, name: str, model_path: str | None, tta: bool | None) -> None:
         self.segmenter = make_segmenter(name, model_path, tta=tta)
+        self.served = 0
 
     def predict(
         self, read: tuple[list[NDArray[np.uint8]], Timings], mpp: float, stats: SlideStats
     ) -> tuple[list[NDArray[Any]], Timings]:
         begin = time.perf_counter()
         evidence = self.segmenter.predict_batch(read[0], mpp, stats)
+        self.served += 1
         return evidence, {"segment": time.perf_counter() - begin}
 
     def pid(self) -> int:
         return os.getpid()
+
+    def info(self) -> dict[str, Any]:
+        """Where this actor runs and what it did: pid, node_id, actor_id, served (batches)."""
+        context = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": context.get_node_id(), "actor_id": context.get_actor_id(),
+                "served": self.served}
+
+
+#: Restart and retry policy of segmentation actors (``SegmentPool`` sets it again on every actor).
+SEGMENT_ACTOR_OPTIONS: dict[str, Any] = {"max_restarts": -1, "max_task_retries": 0}
+
+SegmentActor: Any = ray.remote(**SEGMENT_ACTOR_OPTIONS)(SegmentWorker)
 
 
 @ray.remote(num_cpus=0, max_restarts=0)

@@ -9,10 +9,7 @@ shifted copy (1000² labels), and ``measure_nuclei`` on a 1024² tile of 1,024 d
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +18,9 @@ from nucleiscope.pipeline.evaluation.metrics import evaluate_pair
 from nucleiscope.pipeline.measure.morphometrics import measure_nuclei
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package
+from medians import median_seconds  # noqa: E402 (this folder)
+
 from tests.synthetic import crowded_boxes, crowded_discs  # noqa: E402
-
-
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,16 +27,9 @@ from nucleiscope.pipeline.slides.fingerprint import fingerprints
 from nucleiscope.pipeline.slides.inputs import SlideInput, stable_slide_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package
+from medians import median_seconds  # noqa: E402 (this folder)
+
 from tests.s3util import FlakyS3Proxy, moto_s3, new_bucket  # noqa: E402
-
-
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

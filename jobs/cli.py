@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--local", action="store_true", help="run in this process, without Ray")
     ext.add_argument("--gpus", type=int, default=None,
                      help="GPU segmentation actors to request even before GPU nodes exist (autoscaling clusters)")
+    ext.add_argument("--gpu-wait-s", type=float, default=600.0,
+                     help="seconds to wait while no segmentation actor can start (no GPU node yet) before "
+                          "stopping with an error (default: 600)")
     ext.add_argument("--failures-ok", action="store_true",
                      help="exit 0 when the only problem is slides recorded in failures.parquet "
                           "(a batch job is then not retried for slides that will fail again)")
@@ -143,16 +146,18 @@ def _extract(args: argparse.Namespace) -> int:
     for name in ("gpus", "max_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.gpu_wait_s <= 0:
+        raise ConfigError("--gpu-wait-s must be > 0")
     code = run_extract(args.slides, args.out, config, local=args.local, num_cpus=args.num_cpus,
                        address=args.address, show_progress=not args.no_progress,
-                       gpus=args.gpus, max_batches=args.max_batches)  # fmt: skip
+                       gpus=args.gpus, max_batches=args.max_batches, gpu_wait_s=args.gpu_wait_s)  # fmt: skip
     return EXIT_OK if code == EXIT_FAILED and args.failures_ok else code
 
 
 def run_extract(
     slides: Sequence[str], out: str, config: ExtractConfig, *, local: bool = False,
     num_cpus: int | None = None, address: str | None = None, show_progress: bool = True,
-    gpus: int | None = None, max_batches: int | None = None,
+    gpus: int | None = None, max_batches: int | None = None, gpu_wait_s: float = 600.0,
 ) -> int:
     """Expand the inputs, run the cohort (on Ray unless ``local``), print the outcome."""
     from ..pipeline.segmentation.registry import make_segmenter
@@ -172,7 +177,7 @@ def run_extract(
         from .run_ray import RayOptions, run_cohort_ray
 
         init_ray(num_cpus, address)
-        options = RayOptions(gpu_actors=gpus, max_batches=max_batches)
+        options = RayOptions(gpu_actors=gpus, max_batches=max_batches, actor_wait_s=gpu_wait_s)
         result = run_cohort_ray(items, out, config, segmenter, options=options, show_progress=show_progress)
     print(f"{result.done} slides done, {result.failed} failed, {result.skipped} already done; "
           f"results in {redact(result.out)}")  # fmt: skip

@@ -288,7 +288,8 @@ def test_extract_job_on_two_nodes(
     bucket = s3_bucket()
     upload(s3_server, [s.path for s in cohort_slides], f"s3://{bucket}/cohort/")
     options = shlex.quote(json.dumps(s3_server.storage_options))
-    entrypoint = (f"nucleiscope extract s3://{bucket}/cohort/ --out s3://{bucket}/results --tile-px {TILE_PX} "
+    # this interpreter's nucleiscope (the checkout under test), not whichever `nucleiscope` is on PATH
+    entrypoint = (f"{shlex.quote(sys.executable)} -m nucleiscope.jobs.cli extract s3://{bucket}/cohort/ --out s3://{bucket}/results --tile-px {TILE_PX} "
                   f"--segmenter classical --no-progress --storage-options {options}")  # fmt: skip
     status, job_id, logs = submit_and_wait(two_nodes, entrypoint)
     assert status == "SUCCEEDED", logs

@@ -23,10 +23,9 @@ from nucleiscope.pipeline.extraction.config import ExtractConfig
 from nucleiscope.pipeline.segmentation.registry import make_segmenter
 from nucleiscope.pipeline.slides.inputs import expand_inputs, stable_slide_id
 from tests.synthetic import write_synthetic_slide
+from tests.tables import nuclei_frame, slides_frame
 
 CONFIG = ExtractConfig(segmenter="classical", tile_px=512)
-#: Columns of slides.parquet that differ between two runs of the same slide.
-_RUN_COLUMNS = ("finished_at", "nuclei_file", "tiles_per_s")
 
 
 def small_slide(path: Path, seed: int, width_px: int = 900) -> Path:
@@ -39,20 +38,6 @@ def small_slide(path: Path, seed: int, width_px: int = 900) -> Path:
 def run(inputs: list[str], out: Path) -> CohortResult:
     items = expand_inputs(inputs)
     return run_cohort_local(items, str(out), CONFIG, make_segmenter("classical"), show_progress=False)
-
-
-def slides_table(out: Path) -> pd.DataFrame:
-    frame = pd.read_parquet(out / "slides.parquet")
-    keep = [c for c in frame.columns if not c.startswith("seconds_") and c not in _RUN_COLUMNS]
-    return frame[keep].sort_values("slide_id").reset_index(drop=True)
-
-
-def nuclei_table(out: Path) -> pd.DataFrame:
-    if not (out / "nuclei").exists():
-        return pd.DataFrame()
-    frame = pd.read_parquet(out / "nuclei")
-    frame["slide_id"] = frame["slide_id"].astype(str)
-    return frame.sort_values(["slide_id", "nucleus_id"]).reset_index(drop=True)
 
 
 def check_consistent(out: Path) -> None:
@@ -72,11 +57,11 @@ def test_adding_a_file_with_a_taken_stem_skips_nothing_and_redoes_nothing(tmp_pa
     b = small_slide(tmp_path / "b" / "x.svs", seed=1)
     out = tmp_path / "out"
     assert run([str(tmp_path / "b" / "*")], out).done == 1
-    first = slides_table(out)
+    first = slides_frame(out)
     a = small_slide(tmp_path / "a" / "x.tif", seed=2)
     result = run([str(tmp_path / "a" / "*"), str(tmp_path / "b" / "*")], out)
     assert (result.done, result.skipped, result.failed) == (1, 1, 0)
-    slides = slides_table(out)
+    slides = slides_frame(out)
     assert sorted(slides.uri) == sorted([str(a), str(b)])
     assert sorted(slides.slide_id) == sorted([stable_slide_id(str(a)), stable_slide_id(str(b))])
     pd.testing.assert_frame_equal(slides[slides.uri == str(b)].reset_index(drop=True), first)
@@ -88,19 +73,19 @@ def test_a_changed_file_or_override_is_redone_and_its_rows_replaced(tmp_path: Pa
     slide = small_slide(tmp_path / "in" / "s.svs", seed=3)
     out = tmp_path / "out"
     run([str(slide)], out)
-    before = slides_table(out)
+    before = slides_frame(out)
     small_slide(slide, seed=4, width_px=1200)  # new content at the same path
     result = run([str(slide)], out)
     assert (result.done, result.skipped) == (1, 0)
-    after = slides_table(out)
+    after = slides_frame(out)
     assert len(after) == 1 and after.slide_id[0] == before.slide_id[0]
     assert after.width_px[0] == 1200 and after.fingerprint[0] != before.fingerprint[0]
-    assert len(nuclei_table(out)) == after.nuclei_count[0]
+    assert len(nuclei_frame(out)) == after.nuclei_count[0]
     check_consistent(out)
     manifest = tmp_path / "in" / "m.csv"
     manifest.write_text(f"slide_uri,mpp\n{slide},0.26\n")
     assert run([str(manifest)], out).done == 1  # the override changed
-    assert slides_table(out).mpp_override.tolist() == [0.26]
+    assert slides_frame(out).mpp_override.tolist() == [0.26]
     assert run([str(manifest)], out).skipped == 1
     check_consistent(out)
 
@@ -109,13 +94,13 @@ def test_a_moved_file_is_not_redone(tmp_path: Path) -> None:
     slide = small_slide(tmp_path / "in" / "s.svs", seed=5)
     out = tmp_path / "out"
     run([str(slide)], out)
-    before = slides_table(out)
+    before = slides_frame(out)
     moved = tmp_path / "elsewhere" / "renamed.svs"
     moved.parent.mkdir()
     os.rename(slide, moved)  # keeps size and mtime: the same content
     result = run([str(moved)], out)
     assert (result.done, result.skipped) == (0, 1)
-    after = slides_table(out)
+    after = slides_frame(out)
     assert after.uri.tolist() == [str(moved)] and after.slide_id.tolist() == before.slide_id.tolist()
     assert run([str(moved)], out).skipped == 1
     check_consistent(out)
@@ -164,7 +149,7 @@ def test_every_kill_point_of_a_rerun_leaves_an_output_the_next_run_completes(
     run([str(s) for s in slides], reference)
     writes = kill_switch["calls"]
     assert writes > 10
-    expected_slides, expected_nuclei = slides_table(reference), nuclei_table(reference)
+    expected_slides, expected_nuclei = slides_frame(reference), nuclei_frame(reference)
     for at in range(1, writes + 1):
         out = tmp_path / f"killed-{at}"
         shutil.copytree(base, out)
@@ -174,8 +159,8 @@ def test_every_kill_point_of_a_rerun_leaves_an_output_the_next_run_completes(
         kill_switch["at"] = None
         run([str(s) for s in slides], out)
         check_consistent(out)
-        pd.testing.assert_frame_equal(slides_table(out), expected_slides, obj=f"slides after a kill at write {at}")
-        pd.testing.assert_frame_equal(nuclei_table(out), expected_nuclei, obj=f"nuclei after a kill at write {at}")
+        pd.testing.assert_frame_equal(slides_frame(out), expected_slides, obj=f"slides after a kill at write {at}")
+        pd.testing.assert_frame_equal(nuclei_frame(out), expected_nuclei, obj=f"nuclei after a kill at write {at}")
         run_json = json.loads((out / "run.json").read_text())
         assert run_json["config_hash"] == expected_slides.config_hash[0]
         shutil.rmtree(out)
