@@ -206,10 +206,15 @@ def two_nodes(no_ray_address: None) -> Iterator[TwoNodeCluster]:
         worker = next(n for n in nodes if n.node_id != head.node_id)
         yield TwoNodeCluster(url, token, head.node_id, worker.node_id, temp_root)
     finally:
-        for proc in reversed(procs):
-            stop_node(proc)
-        kill_strays(temp_root)
-        shutil.rmtree(temp_root, ignore_errors=True)
+        tear_down(procs, temp_root)
+
+
+def tear_down(procs: list[subprocess.Popen[bytes]], temp_root: Path) -> None:
+    """Stop a test cluster's nodes (last started first) and remove everything it left."""
+    for proc in reversed(procs):
+        stop_node(proc)
+    kill_strays(temp_root)
+    shutil.rmtree(temp_root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

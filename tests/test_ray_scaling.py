@@ -35,12 +35,11 @@ from tests.test_cluster import (
     TwoNodeCluster,
     alive_nodes,
     free_port,
-    kill_strays,
     no_ray_address,
     node_args,
     node_env,
     start_node,
-    stop_node,
+    tear_down,
     wait_for,
 )
 
@@ -86,7 +85,6 @@ class Elastic:
 @pytest.fixture(scope="module")
 def elastic(no_ray_address: None) -> Iterator[Elastic]:
     import secrets
-    import shutil
     import tempfile
 
     temp_root = Path(tempfile.mkdtemp(prefix="nsel-", dir="/tmp"))
@@ -103,10 +101,7 @@ def elastic(no_ray_address: None) -> Iterator[Elastic]:
         head = wait_for("the head node", lambda: alive_nodes(api, 1), START_TIMEOUT_S, api.logs)[0]
         yield Elastic(api, f"{head.node_ip}:{gcs_port}", env, temp_root, nodes)
     finally:
-        for proc in reversed(nodes):
-            stop_node(proc)
-        kill_strays(temp_root)
-        shutil.rmtree(temp_root, ignore_errors=True)
+        tear_down(nodes, temp_root)
 
 
 @pytest.fixture(scope="module")

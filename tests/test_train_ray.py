@@ -196,7 +196,7 @@ def test_every_job_file_loads_and_the_fold_jobs_see_no_validation_image(monkeypa
     assert jobs["train-attention-local"].runner == "local" and jobs["train-monuseg"].runner == "ray"
     split = load_split(REPO / "benchmarks" / "monuseg_split.toml")
     assert len(split.validation) >= 10 and len(set(split.organs[s] for s in split.validation)) >= 5
-    for name in ("train-attention-fold", "train-student-fold"):
+    for name in ("train-attention-fold", "train-student-fold", "train-student-fold-classical-cpu"):
         assert all(s.split == "benchmarks/monuseg_split.toml" and s.part == "train" for s in jobs[name].sources)
         if MONUSEG.exists():  # the job's relative paths resolve from the repository root
             monkeypatch.chdir(REPO)
