@@ -29,7 +29,6 @@ from ..measure.outputs import NucleiWriter, QcCanvas
 from ..measure.records import clear_failure_record, drop_other_files, write_slide_record
 from ..measure.summary import SlideSummary
 from ..segmentation.protocol import Segmenter, SlideStats
-from ..slides.fingerprint import slide_fingerprint
 from ..slides.inputs import redact
 from ..slides.slide import Slide, SlideInfo, slide_id_from_uri
 from ..tiling.plan import Tile, TilePlan, keep_owned, plan_tiles
@@ -148,7 +147,6 @@ def prepare_slide(
     override = mpp_override or config.mpp_override
     with timer("open"):
         slide = Slide.open(uri, storage_options=opts, mpp_override=override)
-        fingerprint = slide_fingerprint(uri, opts)
     with slide:
         info = slide.info
         with timer("tissue"):
@@ -162,7 +160,7 @@ def prepare_slide(
             qc = slide.thumbnail(qc_mpp(info, config.qc_max_px))
     log.info("%s: %d of %d tiles on tissue at %.3f µm/px", slide_id, len(plan.tiles), plan.total_tiles, seg_mpp)
     return PreparedSlide(uri, slide_id, info, stats, plan, seg_mpp, area_mm2, qc, dict(timer.seconds),
-                         config.artefacts, fingerprint, override)
+                         config.artefacts, slide.fingerprint, override)
 
 
 def reopen_slide(prepared: PreparedSlide, storage_options: Mapping[str, Any] | None) -> Slide:

@@ -134,7 +134,7 @@ def _read_records(fs: Any, directory: str) -> list[dict[str, Any]]:
         blobs = fs.cat(paths, on_error="raise") if paths else {}
     records = []
     for path in paths:
-        blob = blobs.get(path, blobs.get(fs.unstrip_protocol(path)))
+        blob = blobs.get(path)  # cat keys its answer by the paths glob gave
         try:
             if blob is None:
                 raise ValueError("not returned by the batched read")

@@ -38,6 +38,7 @@ from ..common.redact import redact
 from ..common.storage import url_to_fs
 from . import resample
 from .brightfield import check_brightfield
+from .fingerprint import fingerprint_of
 from .metadata import (
     MPP_RANGE,
     check_pixels,
@@ -108,6 +109,9 @@ class Slide:
         self._scales = scales  # per level: level-0 px per level px, (x, y)
         self._tiles = tiles  # per level: tile (width, height), 0 when not tiled
         self._retry = retry
+        #: Size and ETag or mtime of the file when it was opened (``fingerprint.fingerprint_of``),
+        #: from the metadata request that located it.
+        self.fingerprint: str | None = None
 
     # --- opening ----------------------------------------------------------------------
 
@@ -133,7 +137,7 @@ class Slide:
     @classmethod
     def _open_once(cls, uri: str, storage_options: dict[str, Any], mpp_override: float | None,
                    require_brightfield: bool, retry: RetryPolicy) -> Slide:
-        ts, handle = _open_tiffslide(uri, storage_options)
+        ts, handle, fingerprint = _open_tiffslide(uri, storage_options)
         try:
             props = properties(uri, ts)
             check_pixels(uri, ts, props)
@@ -156,6 +160,7 @@ class Slide:
             if require_brightfield:
                 check_brightfield(uri, slide._coarse_sample())  # one try: a transient failure retries the open
             slide._retry = retry
+            slide.fingerprint = fingerprint
         except BaseException:
             _close_quietly(ts, handle)
             raise
@@ -255,9 +260,10 @@ class Slide:
 # --- opening helpers ----------------------------------------------------------------------
 
 
-def _open_tiffslide(uri: str, storage_options: dict[str, Any]) -> tuple[TiffSlide, IO[bytes] | None]:
-    """Locate the file and hand it to tiffslide (a path for local files, else an open file)."""
-    fs, path = _locate(uri, storage_options)
+def _open_tiffslide(uri: str, storage_options: dict[str, Any]) -> tuple[TiffSlide, IO[bytes] | None, str]:
+    """Locate the file and hand it to tiffslide (a path for local files, else an open file);
+    also returns its fingerprint, from the metadata locating it fetched."""
+    fs, path, found = _locate(uri, storage_options)
     handle: IO[bytes] | None = None
     try:
         if isinstance(fs, LocalFileSystem):
@@ -274,23 +280,24 @@ def _open_tiffslide(uri: str, storage_options: dict[str, Any]) -> tuple[TiffSlid
         if handle is not None:
             _close_quietly(None, handle)
         raise io_error(uri, exc, SlideFormatError, "not a readable TIFF whole-slide image") from exc
-    return ts, handle
+    return ts, handle, fingerprint_of(found)
 
 
-def _locate(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
-    """(filesystem, path) of an existing file; ``info``, not ``exists``, which some filesystems
-    (fsspec's HTTP) answer False for any failure, and s3fs raises through for a 403."""
+def _locate(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
+    """(filesystem, path, fsspec info) of an existing file; ``info``, not ``exists``, which some
+    filesystems (fsspec's HTTP) answer False for any failure, and s3fs raises through for a 403."""
     try:
         fs, path = url_to_fs(uri, storage_options)
         fs.invalidate_cache(path)  # a cached parent listing may predate the object
-        kind = fs.info(path).get("type")
+        found = dict(fs.info(path))
+        kind = found.get("type")
     except Exception as exc:
         if classify(exc)[0] in (None, SlideNotFoundError) and isinstance(exc, FileNotFoundError):
             raise SlideNotFoundError(uri, not_found_reason(exc)) from exc
         raise io_error(uri, exc, SlideNotFoundError, "cannot be located") from exc
     if kind == "directory":
         raise SlideFormatError(uri, "is a directory, not a slide file")
-    return fs, path
+    return fs, path, found
 
 
 def _open_remote(fs: Any, path: str) -> IO[bytes]:
