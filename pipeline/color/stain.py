@@ -10,6 +10,7 @@ third channel holds what neither stain explains (a residual).
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 
@@ -41,7 +42,12 @@ def _check_rgb(rgb: NDArray[np.uint8]) -> None:
 def rgb_to_od(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
     """Optical density -log10((I + 1) / 256) per channel, (H, W, 3) float32 in [0, 2.41]."""
     _check_rgb(rgb)
-    return _OD_TABLE[rgb]
+    return _lookup(rgb)
+
+
+def _lookup(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """``_OD_TABLE[rgb]`` (OpenCV's table lookup: the same values, several times faster)."""
+    return np.asarray(cv2.LUT(np.ascontiguousarray(rgb), _OD_TABLE), dtype=np.float32)
 
 
 def rgb_to_hed_od(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
@@ -55,7 +61,11 @@ def rgb_to_hed_od(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
 def hematoxylin_od(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
     """Haematoxylin optical density (H, W) float32, >= 0."""
     _check_rgb(rgb)
-    od = _OD_TABLE[rgb]
+    return hematoxylin_from_od(_lookup(rgb))
+
+
+def hematoxylin_from_od(od: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Haematoxylin optical density (H, W) float32, >= 0, of an ``rgb_to_od`` image."""
     col = _DECONVOLUTION[:, 0]
     h = od[..., 0] * col[0] + od[..., 1] * col[1] + od[..., 2] * col[2]
     np.maximum(h, 0.0, out=h)

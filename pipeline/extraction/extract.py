@@ -192,7 +192,8 @@ def measure_tile(
         dropped: dict[str, int] = {}
         if prepared.artefacts:
             # Judged on the whole window so that an owned object's ring sees its real neighbours.
-            calls = classify_objects(window, rgb, prepared.seg_mpp).select(np.unique(labels))
+            present = np.flatnonzero(np.bincount(labels.ravel()))
+            calls = classify_objects(window, rgb, prepared.seg_mpp).select(present[present > 0])
             labels, flags, dropped = remove_dropped(labels, calls), calls.flags(), calls.dropped_counts()
         s = prepared.plan.scale
         table = measure_nuclei(

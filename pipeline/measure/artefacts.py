@@ -38,11 +38,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
-from ..color.stain import STAIN_OD_VECTORS, hematoxylin_od, rgb_to_od
+from ..color.stain import STAIN_OD_VECTORS, hematoxylin_from_od, rgb_to_od
 from .morphometrics import _dense_labels
 
 #: Values of the ``artefact`` column of flagged (kept) objects; dropped objects are ``ink``.
@@ -152,6 +153,12 @@ def stain_angles(od: NDArray[np.floating]) -> tuple[NDArray[np.float64], NDArray
     return hue, elevation, neutral
 
 
+def _hue_deg(od: NDArray[np.floating]) -> NDArray[np.float64]:
+    """The hue of ``stain_angles`` alone (the per-pixel test needs nothing else)."""
+    coords = np.asarray(od, np.float64) @ _FRAME.T
+    return np.degrees(np.arctan2(coords[..., 1], coords[..., 0]))
+
+
 def _colour_stats(dense: NDArray[np.int32], od: NDArray[np.float32], n: int, rules: ArtefactRules,
                   ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Mean OD vector (N, 3) of dense labels 1..N and each one's share of ink-hued pixels."""
@@ -161,7 +168,7 @@ def _colour_stats(dense: NDArray[np.int32], od: NDArray[np.float32], n: int, rul
     values = od[inside]
     mean = np.stack([np.bincount(flat, weights=values[:, c], minlength=n + 1)[1:] for c in range(3)], 1)
     judged = np.linalg.norm(values, axis=1) >= rules.min_od
-    inky = judged & (stain_angles(values)[0] < rules.ink_pixel_hue_deg)
+    inky = judged & (_hue_deg(values) < rules.ink_pixel_hue_deg)
     share = np.bincount(flat, weights=inky, minlength=n + 1)[1:] / np.maximum(
         np.bincount(flat, weights=judged, minlength=n + 1)[1:], 1.0)
     return mean / count[:, None], share
@@ -175,15 +182,18 @@ def _surround(dense: NDArray[np.int32], value: NDArray[np.float32], glass: NDArr
     touching neighbours do not count; an object without such pixels gets NaN and 0.
     """
     ring_od, ring_glass = np.full(n, np.nan), np.zeros(n)
+    if ring_px < 1:
+        return ring_od, ring_glass
     r = np.arange(-ring_px, ring_px + 1)
-    disk = (r[:, None] ** 2 + r[None, :] ** 2) <= ring_px * ring_px
+    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= ring_px * ring_px).astype(np.uint8)
     for k, box in enumerate(ndi.find_objects(dense, max_label=n)):
-        if box is None or ring_px < 1:
+        if box is None:
             continue
         rows = slice(max(box[0].start - ring_px, 0), box[0].stop + ring_px)
         cols = slice(max(box[1].start - ring_px, 0), box[1].stop + ring_px)
         crop = dense[rows, cols]
-        ring = ndi.binary_dilation(crop == k + 1, structure=disk) & (crop == 0)
+        grown = cv2.dilate((crop == k + 1).view(np.uint8), disk, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        ring = grown.view(bool) & (crop == 0)
         if ring.any():
             ring_od[k] = float(value[rows, cols][ring].mean())
             ring_glass[k] = float(glass[rows, cols][ring].mean())
@@ -224,8 +234,9 @@ def classify_objects(labels: NDArray[np.integer], rgb: NDArray[np.uint8], um_per
         return ArtefactCalls(ids, np.zeros(0, "<U12"), *([empty] * 6))
     od = rgb_to_od(np.ascontiguousarray(rgb[..., :3]))
     mean, inky = _colour_stats(dense, od, ids.size, rules)
-    haem = hematoxylin_od(np.ascontiguousarray(rgb[..., :3]))
-    ring_h, glass = _surround(dense, haem, od.max(axis=-1) < rules.glass_od, ids.size,
+    haem = hematoxylin_from_od(od)
+    brightest = np.maximum(np.maximum(od[..., 0], od[..., 1]), od[..., 2])  # od.max(-1), faster
+    ring_h, glass = _surround(dense, haem, brightest < rules.glass_od, ids.size,
                               round(rules.ring_um / um_per_px))
     inside = dense > 0
     flat = dense[inside]

@@ -25,14 +25,14 @@ import math
 import struct
 from collections.abc import Mapping
 
+import cv2
 import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
-from skimage.measure import find_contours
 
 from ..color.stain import rgb_to_hed_od
+from .outlines import Rings, trace_rings
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def measure_nuclei(
     perimeter_px = _crofton_perimeter(dense, n)[1:]
     od_stats = _od_stats(dense, rgb, n)
     boxes = ndimage.find_objects(dense)
-    geoms, solidity = _outlines(dense, boxes, origin_px, scale)
+    geoms, solidity = _outlines(dense, origin_px, scale)
     lookup = flags or {}
     artefact: list[str | None] = [lookup.get(int(i)) for i in ids]
     return _assemble(ids, stats, perimeter_px, od_stats, boxes, geoms, solidity, artefact,
@@ -188,70 +188,38 @@ def _od_stats(dense: NDArray[np.int32], rgb: NDArray[np.uint8], n: int) -> NDArr
 
 def _outlines(
     dense: NDArray[np.int32],
-    boxes: list[tuple[slice, slice] | None],
     origin_px: tuple[float, float],
     scale: float,
 ) -> tuple[list[bytes], NDArray[np.float64]]:
     """WKB outline (level-0 px) and solidity of every label."""
-    geoms: list[bytes] = []
-    solidity = np.ones(len(boxes), np.float64)
+    n = int(dense.max()) if dense.size else 0
+    rings = trace_rings(dense, n)
     ox, oy = float(origin_px[0]), float(origin_px[1])
-    for k, box in enumerate(boxes):
-        if box is None:  # cannot happen for dense labels; kept for safety
-            raise ValueError("dense labels must all be present")
-        rows, cols = box
-        crop = np.zeros((rows.stop - rows.start + 2, cols.stop - cols.start + 2), np.float32)
-        crop[1:-1, 1:-1] = dense[rows, cols] == k + 1
-        ring = _outer_ring(crop)  # (x, y) in crop index coords, closed
-        solidity[k] = _solidity(ring)
-        x = ox + (ring[:, 0] + cols.start - 1 + 0.5) * scale
-        y = oy + (ring[:, 1] + rows.start - 1 + 0.5) * scale
-        geoms.append(_wkb_polygon(x, y))
-    return geoms, solidity
+    x = ox + (rings.xy[:, 0] + 0.5) * scale
+    y = oy + (rings.xy[:, 1] + 0.5) * scale
+    off = rings.offsets.tolist()
+    geoms = [_wkb_polygon(x[a:b], y[a:b]) for a, b in zip(off[:-1], off[1:])]
+    return geoms, _solidity(rings)
 
 
-def _outer_ring(crop: NDArray[np.float32]) -> NDArray[np.float64]:
-    """Largest marching-squares ring of a padded binary crop, CCW in (x, y), simplified."""
-    best: NDArray[np.float64] | None = None
-    best_area = 0.0
-    for contour in find_contours(crop, 0.5, fully_connected="high"):  # type: ignore[no-untyped-call]
-        xy = np.ascontiguousarray(contour[:, ::-1], dtype=np.float64)
-        area = _signed_area(xy)
-        if abs(area) > abs(best_area):
-            best, best_area = xy, area
-    if best is None:
-        raise ValueError("object without outline")
-    if best_area < 0:
-        best = best[::-1]
-    return _drop_collinear(best)
+def _solidity(rings: Rings) -> NDArray[np.float64]:
+    """Polygon area / area of its convex hull, per ring (1.0 for degenerate rings).
 
-
-def _signed_area(ring: NDArray[np.float64]) -> float:
-    """Shoelace area of a closed ring (first point == last point), positive if CCW."""
-    x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
-
-
-def _drop_collinear(ring: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Remove vertices lying on the straight line through their neighbours; keeps the ring closed."""
-    pts = ring[:-1]
-    step = np.diff(ring, axis=0)  # step[k] = pts[k+1] - pts[k], cyclically
-    next_d = step
-    prev_d = np.concatenate([step[-1:], step[:-1]])
-    cross = prev_d[:, 0] * next_d[:, 1] - prev_d[:, 1] * next_d[:, 0]
-    keep = pts[np.abs(cross) > 1e-9]
-    if keep.shape[0] < 3:
-        keep = pts
-    return np.vstack([keep, keep[:1]])
-
-
-def _solidity(ring: NDArray[np.float64]) -> float:
-    """Polygon area / convex hull area (1.0 for degenerate rings)."""
-    try:
-        hull_area = float(ConvexHull(ring[:-1]).volume)
-    except QhullError:
-        return 1.0
-    return min(_signed_area(ring) / hull_area, 1.0) if hull_area > 0 else 1.0
+    Vertices are half-integers, so doubled they are integers: the hull (OpenCV) and both
+    shoelace areas are exact.
+    """
+    xy, off = rings.xy, rings.offsets
+    nxt = np.roll(xy, -1, axis=0)
+    cross = xy[:, 0] * nxt[:, 1] - nxt[:, 0] * xy[:, 1]
+    ring_of = np.repeat(np.arange(off.size - 1), np.diff(off))
+    last = off[1:] - 1
+    cross[last] = 0.0  # each ring is closed: its last vertex repeats the first
+    area = 0.5 * np.bincount(ring_of, weights=cross, minlength=off.size - 1)
+    doubled = np.rint(2.0 * xy).astype(np.int32)
+    hull = np.array([cv2.contourArea(cv2.convexHull(doubled[a:b - 1])) / 4.0
+                     for a, b in zip(off[:-1].tolist(), off[1:].tolist())])  # fmt: skip
+    safe = np.where(hull > 0, hull, 1.0)
+    return np.where(hull > 0, np.minimum(area / safe, 1.0), 1.0)
 
 
 def _wkb_polygon(x: NDArray[np.float64], y: NDArray[np.float64]) -> bytes:

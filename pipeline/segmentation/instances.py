@@ -8,6 +8,7 @@ deterministic and depends only on the image content.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
@@ -86,23 +87,43 @@ def filter_by_area(labels: NDArray[np.integer], min_px: float, max_px: float) ->
 
 
 def component_peaks(
-    height: NDArray[np.floating], components: NDArray[np.integer], footprint_px: int
+    height: NDArray[np.floating], components: NDArray[np.integer], footprint_px: int,
+    boxes: list[tuple[slice, slice] | None] | None = None,
 ) -> NDArray[np.bool_]:
     """Local maxima of ``height`` within each connected component (max filter on a disk).
 
     Pixels of other components never suppress a peak: the filter sees only the
-    component itself, everything else counting as -inf.
+    component itself, everything else counting as -inf. ``boxes``: the components'
+    ``find_objects``, when known.
     """
-    fp = disk_footprint(footprint_px)
+    fp = disk_footprint(footprint_px).astype(np.uint8)
     peaks = np.zeros(components.shape, dtype=bool)
-    for index, sl in enumerate(ndi.find_objects(components), start=1):
+    height = np.asarray(height, dtype=np.float64)
+    for index, sl in enumerate(ndi.find_objects(components) if boxes is None else boxes, start=1):
         if sl is None:
             continue
         inside = components[sl] == index
         sub = np.where(inside, height[sl], -np.inf)
-        local_max = ndi.maximum_filter(sub, footprint=fp, mode="constant", cval=-np.inf)
+        # A max filter with -inf beyond the crop (OpenCV: exact, and a fraction of the cost).
+        local_max = cv2.dilate(sub, fp, borderType=cv2.BORDER_CONSTANT, borderValue=-np.inf)
         peaks[sl] |= inside & (sub >= local_max)
     return peaks
+
+
+def euclidean_distance(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """Distance of every mask pixel to the nearest background pixel of the image (0 outside the mask).
+
+    The exact Euclidean distance transform (as ``scipy.ndimage.distance_transform_edt``,
+    bit for bit): OpenCV's exact transform in float32, whose squared distances are
+    integers, restored exactly and square-rooted in float64.
+    """
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    if mask.all() or not mask.any():
+        return np.asarray(ndi.distance_transform_edt(mask), dtype=np.float64)
+    approx = cv2.distanceTransform(mask.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    if float(approx.max()) >= 1000.0:  # beyond where float32 restores squared distances exactly
+        return np.asarray(ndi.distance_transform_edt(mask), dtype=np.float64)
+    return np.sqrt(np.rint(np.square(approx, dtype=np.float64)))
 
 
 def distance_watershed(
@@ -123,37 +144,74 @@ def distance_watershed(
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
-    distance = ndi.distance_transform_edt(mask)
+    distance = euclidean_distance(mask)
     if max_distance_px is not None:
         np.minimum(distance, max_distance_px, out=distance)
     smooth = ndi.gaussian_filter(distance, sigma=sigma_px) if sigma_px > 0 else distance
     components, _ = ndi.label(mask, structure=_EIGHT)
-    peaks = component_peaks(smooth, components, footprint_px)
+    boxes = ndi.find_objects(components)
+    peaks = component_peaks(smooth, components, footprint_px, boxes)
     markers, _ = ndi.label(peaks, structure=_EIGHT)
-    return component_watershed(-smooth, markers.astype(np.int32), components)
+    return component_watershed(-smooth, markers.astype(np.int32), components, boxes)
 
 
 def component_watershed(
-    landscape: NDArray[np.floating], markers: NDArray[np.int32], components: NDArray[np.integer]
+    landscape: NDArray[np.floating], markers: NDArray[np.int32], components: NDArray[np.integer],
+    boxes: list[tuple[slice, slice] | None] | None = None,
 ) -> NDArray[np.int32]:
-    """Marker watershed run separately inside each connected component.
+    """Marker watershed of each connected component on its own.
 
-    One global run would break ties between equal heights by heap order, which
-    depends on the whole image; per component, the result depends only on the
-    component itself, so a tile and the full image agree.
+    A component's result must depend only on the component, so that a tile and the
+    full image agree. The flood (skimage) orders pixels by (height, push order); the
+    only ties it breaks by heap layout, which depends on everything in the run, are
+    between markers' own pixels (all pushed first, at age 0) of equal height. So the
+    components whose markers all differ in height are flooded in one run, and each
+    component with two markers of exactly equal height in a run of its own. A
+    component with one marker (or none) is that marker (or background) whole.
     """
-    labels = np.zeros(components.shape, dtype=np.int32)
-    for index, sl in enumerate(ndi.find_objects(components), start=1):
-        if sl is None:
-            continue
+    count = int(components.max()) if components.size else 0
+    seeded = np.flatnonzero(markers.ravel())
+    ids, first = np.unique(markers.ravel()[seeded], return_index=True)
+    marker_comp = np.zeros(int(ids.max()) + 1 if ids.size else 1, np.int64)
+    marker_comp[ids] = components.ravel()[seeded[first]]
+    comp_of = marker_comp[1:]
+    seeds_per_comp = np.bincount(comp_of, minlength=count + 1)
+    whole = np.zeros(count + 1, np.int32)
+    single = seeds_per_comp[comp_of] == 1
+    whole[comp_of[single]] = np.flatnonzero(single).astype(np.int32) + 1
+    labels: NDArray[np.int32] = np.asarray(whole[components], dtype=np.int32)
+    several = seeds_per_comp > 1
+    several[0] = False
+    if not several.any():
+        return labels
+    tied = _tied_components(landscape.ravel()[seeded[first]], marker_comp[ids], several)
+    together = several & ~tied
+    if together.any():
+        inside = together[components]
+        flooded = watershed(landscape, np.where(inside, markers, 0), mask=inside)  # type: ignore[no-untyped-call]
+        labels[inside] = flooded[inside]
+    boxes = ndi.find_objects(components) if boxes is None else boxes
+    for index in np.flatnonzero(tied).tolist():
+        sl = boxes[index - 1]
         inside = components[sl] == index
         seeds = np.where(inside, markers[sl], 0)
-        if int(seeds.max()) == int(seeds[seeds > 0].min(initial=seeds.max())):
-            labels[sl][inside] = seeds.max()  # one seed (or none): the component is one nucleus
-            continue
         flooded = watershed(landscape[sl], seeds, mask=inside)  # type: ignore[no-untyped-call]
         labels[sl][inside] = flooded[inside]
     return labels
+
+
+def _tied_components(
+    height: NDArray[np.floating], comp: NDArray[np.int64], several: NDArray[np.bool_]
+) -> NDArray[np.bool_]:
+    """Components (of those in ``several``) with two markers of exactly equal height."""
+    pick = several[comp]
+    h, c = height[pick], comp[pick]
+    order = np.lexsort((h, c))
+    h, c = h[order], c[order]
+    same = (c[1:] == c[:-1]) & (h[1:] == h[:-1])
+    tied = np.zeros(several.size, bool)
+    tied[c[1:][same]] = True
+    return tied
 
 
 def split_instances(mask: NDArray[np.bool_], mpp: float) -> NDArray[np.int32]:

@@ -146,15 +146,16 @@ def _has_tissue(tissue: NDArray[np.bool_], core: tuple[int, int, int, int], fact
 def label_centroids(labels: NDArray[np.integer]) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
     """Label values present and their centroids (x, y) in continuous pixel coordinates."""
     flat = labels.ravel()
-    counts = np.bincount(flat)
+    where = np.flatnonzero(flat)
+    values = flat[where]
+    counts = np.bincount(values)
     present = np.flatnonzero(counts)
-    present = present[present != 0]
     if present.size == 0:
         empty = np.zeros(0)
         return present.astype(np.int64), empty, empty
-    rows, cols = np.indices(labels.shape)
-    sum_y = np.bincount(flat, weights=rows.ravel(), minlength=counts.size)
-    sum_x = np.bincount(flat, weights=cols.ravel(), minlength=counts.size)
+    rows, cols = np.divmod(where, labels.shape[1])
+    sum_y = np.bincount(values, weights=rows, minlength=counts.size)
+    sum_x = np.bincount(values, weights=cols, minlength=counts.size)
     n = counts[present].astype(np.float64)
     return present.astype(np.int64), sum_x[present] / n + 0.5, sum_y[present] / n + 0.5
 
