@@ -20,6 +20,17 @@ log = logging.getLogger("nucleiscope")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+#: What ``nucleiscope --help`` says first (plain text: argparse prints it as it is).
+DESCRIPTION = """\
+Every nucleus of H&E whole-slide images: outlines, positions in µm, size, shape and
+stain intensity as GeoParquet tables. "nucleiscope COMMAND --help" describes a command.
+
+exit codes:
+  0  success
+  1  some slides or images failed
+  2  bad usage or configuration
+"""
+
 
 def _add_segmenter_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segmenter", choices=SEGMENTERS, default=None,
@@ -31,7 +42,8 @@ def _add_segmenter_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nucleiscope", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nucleiscope", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"nucleiscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
