@@ -7,9 +7,15 @@ nucleus a 24-gon whose coordinates need 15-17 digits, so the text is at its long
 once; each export runs in a fresh child process, so its peak RSS is its own. Prints the median
 of the runs: features/s, seconds, peak RSS, and the file's size.
 
-Measured 2026-12-02 on this shared 2-core machine (1,000,000 nuclei, median of 3):
+Measured 2026-12-02 on this 2-core machine, shared (load average about 5 from other people's
+tests during the runs; 1,000,000 nuclei, median of 3):
 
-    features/s 53,560 (18.7 s), peak RSS 252 MB, 181.9 MB gzipped (182 bytes/feature)
+    features/s 24,398 (41.0 s wall, 17.2 s CPU of the child incl. imports), peak RSS 324 MB,
+    193.5 MB gzipped (193 bytes/feature); runs: 73.1 s / 324 MB, 41.0 s / 324 MB, 33.5 s / 324 MB
+
+that is about 58,000 features per CPU second; 200,000 nuclei on a quieter machine ran at
+54,000 features/s wall. Peak RSS is set by one 65,536-row group (324 MB here; 250 MB with
+16,384-row groups) and does not grow with the number of nuclei.
 """
 
 from __future__ import annotations
