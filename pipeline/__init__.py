@@ -3,7 +3,7 @@
 Stages, bottom to top (a stage imports only stages below it; ``tests/test_layout.py``
 checks the rule): ``common`` (errors, storage, image files, devices), ``slides``,
 ``tiling``, ``color``, ``networks`` (with the shipped weights), ``segmentation``,
-``measure``, ``extraction``, ``evaluation``, ``training``, ``export`` (files for other tools).
+``measure``, ``extraction``, ``evaluation``, ``training``, ``export`` (files for other tools), ``report``.
 """
 
 from importlib import metadata
@@ -17,5 +17,5 @@ except metadata.PackageNotFoundError:  # run from a source tree that was never i
 #: Stage subpackages from the bottom up.
 STAGES = (
     "common", "slides", "tiling", "color", "networks",
-    "segmentation", "measure", "extraction", "evaluation", "training", "export",
+    "segmentation", "measure", "extraction", "evaluation", "training", "export", "report",
 )  # fmt: skip

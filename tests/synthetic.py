@@ -110,14 +110,15 @@ class _Scene:
     nuclei: _Nuclei
     phases: NDArray[np.float64]
     lut: NDArray[np.uint8]
+    hematoxylin: NDArray[np.float32]
 
 
-def _colour_lut() -> NDArray[np.uint8]:
+def _colour_lut(hematoxylin: NDArray[np.float32] = _HEMATOXYLIN) -> NDArray[np.uint8]:
     """RGB of full tissue for quantised (nucleus coverage, texture): (_LUT_N * _LUT_T, 3)."""
     n = np.linspace(0.0, 1.0, _LUT_N, dtype=np.float32)[:, None, None]
     t = np.linspace(-1.0, 1.0, _LUT_T, dtype=np.float32)[None, :, None]
     eosin = _EOSIN + t * _TEXTURE_RGB
-    dark = _HEMATOXYLIN + t * np.float32(0.6) * _TEXTURE_RGB
+    dark = hematoxylin + t * np.float32(0.6) * _TEXTURE_RGB
     rgb = eosin + n * (dark - eosin)
     return np.asarray(np.rint(rgb), dtype=np.uint8).reshape(_LUT_N * _LUT_T, 3)
 
@@ -240,7 +241,7 @@ def _render(scene: _Scene, d: float, lx: int, ly: int, th: int, tw: int) -> NDAr
         plane += _WHITE[c]
         if has_nuclei:
             dark = tex * (np.float32(0.6) * _TEXTURE_RGB[c])
-            dark += _HEMATOXYLIN[c]
+            dark += scene.hematoxylin[c]
             dark -= plane
             dark *= nuc
             plane += dark
@@ -309,6 +310,7 @@ def write_synthetic_slide(
     max_levels: int | None = None,
     write_mpp: bool = True,
     workers: int = 2,
+    nucleus_rgb: tuple[float, float, float] | None = None,
 ) -> SyntheticTruth:
     """Write a pyramidal tiled SVS-like TIFF and return its exact nuclei.
 
@@ -317,14 +319,16 @@ def write_synthetic_slide(
     the tissue rectangle (inset by ``tissue_margin_px``, default 10 % of the
     shorter side). Levels have downsamples 1, f, f², ... while the last level is
     larger than ``min_level_px``. ``write_mpp=False`` leaves out all resolution
-    metadata. ``compression`` "jpeg" is lossy; the others are exact.
+    metadata. ``compression`` "jpeg" is lossy; the others are exact. ``nucleus_rgb`` replaces the
+    nuclei's colour (default a haematoxylin purple), e.g. for a slide stained paler than the rest.
     """
     _validate(width_px, height_px, mpp, tile_px, nucleus_radii_um, ellipse_ratio, spacing_um, compression)
     margin = int(0.1 * min(width_px, height_px)) if tissue_margin_px is None else tissue_margin_px
     tissue = (margin, margin, max(margin, width_px - margin), max(margin, height_px - margin))
     rng = np.random.default_rng(seed)
     nuclei = _make_nuclei(tissue, mpp, nucleus_radii_um, ellipse_ratio, spacing_um, rng)
-    scene = _Scene(mpp, width_px, height_px, tissue, nuclei, rng.uniform(0, 2 * np.pi, 6), _colour_lut())
+    dark = _HEMATOXYLIN if nucleus_rgb is None else np.asarray(nucleus_rgb, np.float32)
+    scene = _Scene(mpp, width_px, height_px, tissue, nuclei, rng.uniform(0, 2 * np.pi, 6), _colour_lut(dark), dark)
     levels = _level_sizes(width_px, height_px, level_factor, min_level_px, max_levels)
     _write_pyramid(path, scene, levels, tile_px, compression, write_mpp, max(1, workers))
     return SyntheticTruth(

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..common.errors import ConfigError
+from ..measure.lymphocytes import DEFAULT_RULE, LymphocyteRule
 from ..tiling.plan import TileConfig
 
 SEGMENTERS = ("classical", "attention", "student")
@@ -45,6 +46,8 @@ class ExtractConfig:
     #: Drop objects that are not nuclei (ink) and flag suspect ones (``artefacts`` module,
     #: the ``artefact`` column); False keeps every object and leaves the column null.
     artefacts: bool = True
+    #: Thresholds of the ``lymphocyte_like`` column (``measure.lymphocytes``); None leaves it null.
+    lymphocytes: LymphocyteRule | None = DEFAULT_RULE
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class ExtractConfig:
             if value is not None:
                 _positive(name, value)
         _positive("tissue_mpp", self.tissue_mpp)
+        if self.lymphocytes is not None and not isinstance(self.lymphocytes, LymphocyteRule):
+            raise ConfigError(f"lymphocytes must be a LymphocyteRule or None, got {self.lymphocytes!r}")
         if not isinstance(self.qc_max_px, int) or self.qc_max_px < 64:
             raise ConfigError(f"qc_max_px must be an integer >= 64, got {self.qc_max_px!r}")
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 from numpy.typing import NDArray
 
 from ..measure.artefacts import classify_objects, remove_dropped
+from ..measure.lymphocytes import LymphocyteRule, hematoxylin_reference, with_flag
 from ..measure.morphometrics import measure_nuclei
 from ..measure.outputs import NucleiWriter, QcCanvas
 from ..measure.records import clear_failure_record, drop_other_files, write_slide_record
@@ -102,6 +103,10 @@ class PreparedSlide:
     fingerprint: str | None = None
     #: The µm/px override this slide was run with (per slide or for the run), if any.
     mpp_override: float | None = None
+    #: The lymphocyte-like rule (``ExtractConfig.lymphocytes``) and the slide's nuclear
+    #: haematoxylin reference it compares against, from the fit patches (None: not judged).
+    lymphocytes: LymphocyteRule | None = None
+    hematoxylin_reference_od: float | None = None
 
 
 def qc_mpp(info: SlideInfo, max_px: int) -> float:
@@ -152,7 +157,9 @@ def prepare_slide(
         with timer("tissue"):
             mask = tissue_mask(slide.thumbnail(config.tissue_mpp), config.tissue_mpp)
             area_mm2 = tissue_area_mm2(mask, config.tissue_mpp)
-            stats = segmenter.fit(fit_view(slide, mask, config.tissue_mpp, seg_mpp), seg_mpp)
+            view = fit_view(slide, mask, config.tissue_mpp, seg_mpp)
+            stats = segmenter.fit(view, seg_mpp)
+            reference = hematoxylin_reference(view) if config.lymphocytes is not None else None
             tiles_cfg = config.tiles(math.ceil(segmenter.context_um / seg_mpp), segmenter.grid_px)
             plan = plan_tiles(
                 info.width_px, info.height_px, seg_mpp / info.mpp, tiles_cfg, mask, config.tissue_mpp / info.mpp
@@ -160,7 +167,7 @@ def prepare_slide(
             qc = slide.thumbnail(qc_mpp(info, config.qc_max_px))
     log.info("%s: %d of %d tiles on tissue at %.3f µm/px", slide_id, len(plan.tiles), plan.total_tiles, seg_mpp)
     return PreparedSlide(uri, slide_id, info, stats, plan, seg_mpp, area_mm2, qc, dict(timer.seconds),
-                         config.artefacts, slide.fingerprint, override)
+                         config.artefacts, slide.fingerprint, override, config.lymphocytes, reference)
 
 
 def reopen_slide(prepared: PreparedSlide, storage_options: Mapping[str, Any] | None) -> Slide:
@@ -200,6 +207,8 @@ def measure_tile(
             labels, rgb, mpp=prepared.info.mpp, origin_px=(tile.x_px * s, tile.y_px * s),
             scale=s, slide_id=prepared.slide_id, flags=flags,
         )
+    if prepared.lymphocytes is not None:
+        table = with_flag(table, prepared.hematoxylin_reference_od, prepared.lymphocytes)
     table = order_rows(table)
     return table.replace_schema_metadata({**(table.schema.metadata or {}), DROPPED_KEY: json.dumps(dropped)})
 
@@ -318,7 +327,8 @@ def slide_record(
         mpp=info.mpp, mpp_source=info.mpp_source, mpp_override=prepared.mpp_override, seg_mpp=prepared.seg_mpp,
         segmenter=identity.segmenter, model_id=identity.model_id, config_hash=identity.config_hash,
         fingerprint=prepared.fingerprint, nuclei_file=nuclei_file,
-        tissue_area_mm2=prepared.tissue_area_mm2, tiles=len(plan.tiles), tile_px=plan.tile_px,
+        tissue_area_mm2=prepared.tissue_area_mm2, hematoxylin_reference_od=prepared.hematoxylin_reference_od,
+        tiles=len(plan.tiles), tile_px=plan.tile_px,
         overlap_px=plan.overlap_px, megapixels=len(plan.tiles) * plan.tile_px**2 / 1e6,
         tiles_per_s=len(plan.tiles) / compute if compute > 0 else 0.0,
         seconds_total=round(wall_seconds, 4), finished_at=datetime.now(timezone.utc).isoformat(),

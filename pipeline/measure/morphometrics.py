@@ -62,6 +62,8 @@ NUCLEI_SCHEMA: pa.Schema = pa.schema(
         pa.field("eosin_od_mean", pa.float64(), nullable=False),
         pa.field("eosin_od_std", pa.float64(), nullable=False),
         pa.field("artefact", pa.string(), nullable=True),
+        #: Set by ``lymphocytes.with_flag`` in extraction; null here (not judged).
+        pa.field("lymphocyte_like", pa.bool_(), nullable=True),
         pa.field("geometry", pa.binary(), nullable=False),
     ]
 )
@@ -285,6 +287,7 @@ def _assemble(
         "eosin_od_mean": od[:, 2],
         "eosin_od_std": od[:, 3],
         "artefact": pa.array(artefact, pa.string()),
+        "lymphocyte_like": pa.nulls(ids.size, pa.bool_()),
         "geometry": pa.array(geoms, pa.binary()),
     }
     return pa.Table.from_pydict(columns, schema=NUCLEI_SCHEMA)

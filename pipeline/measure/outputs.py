@@ -8,6 +8,7 @@ Layout::
                                               (names its nucleus file; see ``records``)
     out/_records/failures/<id>.json           one record per failed slide
     out/slides.parquet, out/failures.parquet  consolidated from the records
+    out/cohort.parquet                        from slides.parquet (``cohort``)
     out/run.json                              resolved config, model hash, versions
     out/qc/<id>.png                           QC thumbnails (``QcCanvas``, from ``qc``)
 

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from ..common.errors import OutputError
 from ..common.storage import check_slide_id, io_errors, is_local, put_atomic, resolve
+from .cohort import cohort_table
 from .summary import SLIDES_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -254,8 +255,9 @@ def _put_parquet(fs: Any, path: str, table: pa.Table) -> None:
 
 
 def consolidate(out: str, *, storage_options: Mapping[str, Any] | None = None) -> tuple[int, int]:
-    """``reconcile``, then rewrite ``slides.parquet`` and ``failures.parquet`` from the records
-    (both written even when empty). Returns (slides done, slides failed)."""
+    """``reconcile``, then rewrite ``slides.parquet`` and ``failures.parquet`` from the records,
+    and ``cohort.parquet`` from that slides table (all written even when empty). Returns
+    (slides done, slides failed)."""
     fs, root = resolve(out, storage_options)
     ledger = reconcile(out, storage_options=storage_options)
     done = [ledger.done[k] for k in sorted(ledger.done)]
@@ -267,6 +269,7 @@ def consolidate(out: str, *, storage_options: Mapping[str, Any] | None = None) -
         raise OutputError(f"records under {root}/_records do not fit the table schema: {exc}") from exc
     _put_parquet(fs, f"{root}/slides.parquet", slides)
     _put_parquet(fs, f"{root}/failures.parquet", failures)
+    _put_parquet(fs, f"{root}/cohort.parquet", cohort_table(slides))
     return slides.num_rows, failures.num_rows
 
 

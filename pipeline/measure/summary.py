@@ -1,6 +1,6 @@
 """Streaming per-slide summary of the nuclei table (one row of ``slides.parquet``).
 
-``SlideSummary.add`` keeps only a count and four float32 columns, so a slide with
+``SlideSummary.add`` keeps only counts and six float32 columns, so a slide with
 millions of nuclei costs a few tens of MB; ``finish`` computes quartiles and
 merges the caller's run fields (identity, resolution, timings) into one record.
 """
@@ -14,10 +14,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 #: Nucleus columns summarised by median, first/third quartile and IQR.
-SUMMARY_STATS: tuple[str, ...] = ("area_um2", "eccentricity", "solidity", "circularity")
+SUMMARY_STATS: tuple[str, ...] = (
+    "area_um2", "eccentricity", "solidity", "circularity", "hematoxylin_od_mean", "eosin_od_mean",
+)
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -39,10 +42,15 @@ _HEAD_FIELDS = [
     #: The slide's one file under nuclei/slide_id=<id>/.
     pa.field("nuclei_file", pa.string()),
     pa.field("tissue_area_mm2", pa.float64()),
+    #: The slide's nuclear haematoxylin reference the lymphocyte-like rule compares against.
+    pa.field("hematoxylin_reference_od", pa.float64()),
     pa.field("nuclei_count", pa.int64()),
     pa.field("nuclei_per_mm2", pa.float64()),
     pa.field("artefacts_dropped", pa.int64()),
     pa.field("artefacts_flagged", pa.int64()),
+    #: Nuclei with lymphocyte_like true, and per mm² of tissue; null when no nucleus was judged.
+    pa.field("lymphocyte_like_count", pa.int64()),
+    pa.field("lymphocyte_like_per_mm2", pa.float64()),
 ]
 _STAT_FIELDS = [
     pa.field(f"{name}_{stat}", pa.float64())
@@ -67,7 +75,8 @@ SLIDES_SCHEMA: pa.Schema = pa.schema(_HEAD_FIELDS + _STAT_FIELDS + _TAIL_FIELDS)
 
 #: Fields ``SlideSummary.finish`` computes itself; the caller passes the others.
 COMPUTED_FIELDS: frozenset[str] = frozenset(
-    ["nuclei_count", "nuclei_per_mm2", "artefacts_dropped", "artefacts_flagged",
+    ["nuclei_count", "nuclei_per_mm2", "artefacts_dropped", "artefacts_flagged", "lymphocyte_like_count",
+     "lymphocyte_like_per_mm2",
      *(f.name for f in _STAT_FIELDS)]
 )
 
@@ -80,6 +89,8 @@ class SlideSummary:
         self._count = 0
         self._dropped = 0
         self._flagged = 0
+        self._lymphocytes = 0
+        self._judged = 0
 
     @property
     def count(self) -> int:
@@ -99,6 +110,10 @@ class SlideSummary:
         self._count += table.num_rows
         if "artefact" in table.column_names:
             self._flagged += table.num_rows - table.column("artefact").null_count
+        if "lymphocyte_like" in table.column_names:
+            flag = table.column("lymphocyte_like")
+            self._judged += table.num_rows - flag.null_count
+            self._lymphocytes += int(pc.sum(flag).as_py() or 0)
 
     def add_dropped(self, counts: Mapping[str, int]) -> None:
         """Count objects that were dropped as artefacts (``extract.dropped_counts``)."""
@@ -129,14 +144,19 @@ class SlideSummary:
         record["artefacts_dropped"] = self._dropped
         record["artefacts_flagged"] = self._flagged
         tissue = record.get("tissue_area_mm2")
-        record["nuclei_per_mm2"] = (
-            self._count / float(tissue)
-            if tissue is not None and math.isfinite(float(tissue)) and float(tissue) > 0
-            else None
-        )
+        record["nuclei_per_mm2"] = _per_mm2(self._count, tissue)
+        lymphocytes = self._lymphocytes if self._judged or not self._count else None
+        record["lymphocyte_like_count"] = lymphocytes
+        record["lymphocyte_like_per_mm2"] = None if lymphocytes is None else _per_mm2(lymphocytes, tissue)
         for name in SUMMARY_STATS:
             record.update(_quartiles(name, self.values(name)))
         return record
+
+
+def _per_mm2(count: int, tissue_mm2: Any) -> float | None:
+    if tissue_mm2 is None or not math.isfinite(float(tissue_mm2)) or float(tissue_mm2) <= 0:
+        return None
+    return count / float(tissue_mm2)
 
 
 def _quartiles(name: str, values: NDArray[np.float32]) -> dict[str, float | None]:
