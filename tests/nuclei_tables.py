@@ -52,11 +52,11 @@ def _batch(start: int, stop: int, columns_per_row: int, vertices: int, radius_px
     artefact = np.where(k % ARTEFACT_EVERY == 1, "pigment", np.where(k % (ARTEFACT_EVERY + 1) == 2, "detached", None))
     values["artefact"] = artefact
     values["geometry"] = geometry
+    # The flag column of the file schema: a pattern of true, false and null, or all null (not judged).
+    values["lymphocyte_like"] = (np.where(k % 3 == 0, True, np.where(k % 3 == 1, False, None)) if lymphocyte
+                                 else [None] * len(k))  # fmt: skip
     arrays = [pa.array(values[f.name], type=f.type) for f in schema if f.name in values]
     names = [f.name for f in schema if f.name in values]
-    if lymphocyte:
-        arrays.append(pa.array(np.where(k % 3 == 0, True, np.where(k % 3 == 1, False, None)), pa.bool_()))
-        names.append("lymphocyte_like")
     return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
@@ -64,8 +64,6 @@ def write_nuclei_file(path: str | Path, n_rows: int, *, slide_id: str = "s-0", v
                       radius_px: float = 12.0, lymphocyte: bool = False, row_group_rows: int = 65536) -> Path:
     """A nucleus file of ``n_rows`` nuclei, written a row group at a time (bounded memory)."""
     schema = nuclei_file_schema(slide_id, {"mpp": 0.25})
-    if lymphocyte:
-        schema = schema.append(pa.field("lymphocyte_like", pa.bool_()))
     columns_per_row = max(1, int(math.sqrt(n_rows)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
