@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_speed.sh              (results in $OUT, default ./gpu-out)
 #   bash benchmarks/gpu_speed.sh --cpu-smoke  (tiny sizes on a CPU machine: proves it runs)
 # benchmarks/gpu_speed.py does the work (its docstring lists the parts and their caps); the
-# whole run keeps to $DEADLINE_S (default 500 s) after the install. $OUT gets 7 files: summary.txt,
+# whole run keeps to $DEADLINE_S (default 510 s) after the install. $OUT gets 7 files: summary.txt,
 # summary.json, gpu_util.csv, gpu_util.png, logs.tgz (every command's log, run.json, slides.parquet),
 # gpu.txt (nvidia-smi), gpu_speed.log (what the driver printed).
 # Packages missing on the machine can travel as wheels in a git-ignored .whl/ (see
