@@ -86,11 +86,18 @@ class StudentNet(nn.Module):
         return 1 + enc + dec
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX: oneDNN's fast path)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())  # type: ignore[no-untyped-call]
+
+
 @torch.inference_mode()
-def class_probabilities(net: StudentNet, x: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
-    """(B, 3, H, W) float32 class probabilities of an ImageNet-normalised batch (bf16 on
-    CUDA); with ``tta``, the mean over the eight dihedral transforms, each mapped back."""
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+def class_probabilities(net: StudentNet, x: torch.Tensor, *, tta: bool = False, bf16: bool | None = None) -> torch.Tensor:
+    """(B, 3, H, W) float32 class probabilities of an ImageNet-normalised batch, the network in
+    bfloat16 when ``bf16`` (default: on CUDA only); with ``tta``, the mean over the eight
+    dihedral transforms, each mapped back."""
+    enabled = x.device.type == "cuda" if bf16 is None else bf16
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=enabled):
         if not tta:
             return net.forward_padded(x).float().softmax(dim=1)
         total = torch.zeros((x.shape[0], 3, *x.shape[-2:]), device=x.device)

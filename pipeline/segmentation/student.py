@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 from ..color.normalize import imagenet_normalize
 from ..common.devices import batched_by_shape, file_sha256, pick_device
 from ..common.errors import ConfigError, ModelError
-from ..networks.student_net import ARCH, BOUNDARY, INTERIOR, StudentNet, class_probabilities
+from ..networks.student_net import ARCH, BOUNDARY, INTERIOR, StudentNet, class_probabilities, cpu_has_bf16
 from .attention import MAX_NUCLEUS_RADIUS_UM, apply_stain_stats, stain_stats
 from .instances import (
     component_peaks,
@@ -224,7 +224,12 @@ class StudentSegmenter:
         self.model_id = file_sha256(weights_path)[:16]
         self.metadata = meta
         self.device = pick_device(device)
-        self._net = net.to(self.device).eval()
+        # Channels-last and, where the CPU computes it natively, bfloat16: about 3.5x faster on
+        # a CPU than contiguous float32 (quality on the validation images: MODEL_CARD.md).
+        on_cpu = self.device.type == "cpu"
+        self._bf16 = self.device.type == "cuda" or (on_cpu and cpu_has_bf16())
+        self._layout = torch.channels_last if on_cpu else torch.contiguous_format
+        self._net = net.to(self.device).to(memory_format=self._layout).eval()  # type: ignore[call-overload]
         # One tile a pass on the CPU: CPU kernels are chosen by batch size, so batching would make
         # the rows depend on how tiles were grouped (in-process vs Ray). CUDA batches for speed.
         self._max_batch = max_batch if max_batch is not None else (8 if self.device.type == "cuda" else 1)
@@ -238,7 +243,10 @@ class StudentSegmenter:
         self._warned_mpp = False
 
     def precision(self, device: str) -> str:
-        """float32 network on every device; its probabilities are stored as float16."""
+        """The network's arithmetic: bfloat16 on CUDA and on CPUs that compute it natively, else
+        float32 (probabilities are stored as float16 either way)."""
+        if device.startswith("cuda") or (device == "cpu" and cpu_has_bf16()):
+            return "bf16"
         return "fp32"
 
     def fit(self, rgb: NDArray[np.uint8], mpp: float) -> SlideStats:
@@ -258,8 +266,9 @@ class StudentSegmenter:
         prepared = [apply_stain_stats(t, stats) for t in tiles]
 
         def run(batch: torch.Tensor) -> NDArray[np.float16]:
-            x = imagenet_normalize(batch.permute(0, 3, 1, 2))
-            return np.asarray(class_probabilities(self._net, x, tta=self.tta).half().cpu().numpy())
+            x = imagenet_normalize(batch.permute(0, 3, 1, 2)).contiguous(memory_format=self._layout)
+            probs = class_probabilities(self._net, x, tta=self.tta, bf16=self._bf16)
+            return np.asarray(probs.half().cpu().numpy())
 
         return batched_by_shape(prepared, self._max_batch, self.device, run)
 
