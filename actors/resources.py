@@ -66,10 +66,13 @@ class WorkerResources:
         held = int(cluster.get(accelerator, 0))
         cap = max_actors or 1 << 30
         custom = None if accelerator == "GPU" else accelerator
+        cpus = max(1, int(cluster.get("CPU", 1)))
         if gpu_actors is not None or held > 0:
             count = actors or max(held, gpu_actors or 0)
             if custom:
                 return cls(min(count, cap), 0.0, 0.0, 1.0, custom)
-            return cls(min(count, cap), 1.0, 1.0, 1.0)
-        cpus = max(1, int(cluster.get("CPU", 1)))
+            # Each GPU actor holds a CPU too, unless that would leave none for the tasks that
+            # feed it (a 1-CPU, 1-GPU machine would otherwise wait for ever).
+            actor_cpus = 1.0 if cpus > min(count, cap) else 0.0
+            return cls(min(count, cap), actor_cpus, 1.0, 1.0)
         return cls(min(actors or max(1, cpus // 4), cap), 0.0, 0.0, 1.0)

@@ -90,6 +90,25 @@ def measure_task(
     return tables, timer.seconds
 
 
+@ray.remote(max_retries=0)
+def tiles_task(prepared: PreparedSlide, start: int, stop: int, config: ExtractConfig) -> tuple[list[pa.Table], Timings]:
+    """Read, segment and measure tiles ``start:stop`` in one task: how a cluster without
+    accelerators runs (the segmenter, model included, is loaded once per worker process; no
+    tile crosses the object store). Not retried by Ray: the driver counts a batch's deaths."""
+    timer = StageTimer()
+    segmenter = _segmenter(config)
+    try:
+        with timer("read"), reopen_slide(prepared, config.storage_options) as slide:
+            tiles = read_tiles(slide, prepared, prepared.plan.tiles[start:stop])
+        with timer("segment"):
+            evidence = segmenter.predict_batch(tiles, prepared.seg_mpp, prepared.stats)
+        tables = [measure_tile(ev, rgb, tile, prepared, segmenter, timer)
+                  for ev, rgb, tile in zip(evidence, tiles, prepared.plan.tiles[start:stop])]  # fmt: skip
+    except Exception as exc:
+        raise SlideFailure(timer.stage, exc) from exc
+    return tables, timer.seconds
+
+
 class SegmentWorker:
     """Holds one segmenter (model loaded once) and runs its per-pixel pass on tiles.
 
@@ -126,34 +145,61 @@ SEGMENT_ACTOR_OPTIONS: dict[str, Any] = {"max_restarts": -1, "max_task_retries":
 SegmentActor: Any = ray.remote(**SEGMENT_ACTOR_OPTIONS)(SegmentWorker)
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
-class SlideWriterActor:
-    """Receives a slide's tables batch by batch, writes them in plan order, commits."""
+class _SlideWrite:
+    """One slide's rows at its writer: the sink, the stage timer, batches waiting for earlier ones."""
 
     def __init__(self, out: str, prepared: PreparedSlide, config: ExtractConfig, identity: RunIdentity) -> None:
         self.sink = SlideSink(out, prepared, identity, config.storage_options)
-        self.config = config
         self.timer = StageTimer()
         self.timer.add(prepared.seconds)
         self.waiting: dict[int, list[pa.Table]] = {}
         self.next_batch = 0
 
-    def write(self, batch: int, measured: tuple[list[pa.Table], Timings]) -> int:
-        """Queue batch ``batch``; write every batch now in order. Returns rows written so far."""
-        self.timer.add(measured[1])
-        self.waiting[batch] = measured[0]
-        while self.next_batch in self.waiting:
-            with self.timer("write"):
-                for table in self.waiting.pop(self.next_batch):
-                    self.sink.write(table)
-            self.next_batch += 1
-        return self.sink.count
 
-    def commit(self, wall_seconds: float) -> dict[str, Any]:
-        return self.sink.commit(self.timer, wall_seconds)
+@ray.remote(num_cpus=0, max_restarts=0)
+class SlideWriterActor:
+    """Writes the slides given to it, each batch by batch in plan order, and commits them.
 
-    def abort(self) -> None:
-        self.sink.abort()
+    A run keeps a few of these for its whole length (``jobs.ray_writers``), so no process is
+    started per slide; calls from the driver run in the order it sends them.
+    """
+
+    def __init__(self, out: str, config: ExtractConfig, identity: RunIdentity) -> None:
+        self.out, self.config, self.identity = out, config, identity
+        self.slides: dict[str, _SlideWrite] = {}
+
+    def open(self, prepared: PreparedSlide) -> None:
+        """Start a slide (again: an earlier attempt's file is removed first)."""
+        self.abort(prepared.slide_id)
+        self.slides[prepared.slide_id] = _SlideWrite(self.out, prepared, self.config, self.identity)
+
+    def write(self, slide_id: str, batch: int, measured: tuple[list[pa.Table], Timings]) -> int:
+        """Queue batch ``batch``; write every batch now in order. Returns the rows received so far
+        (written, or queued behind an earlier batch)."""
+        slide = self.slides[slide_id]
+        slide.timer.add(measured[1])
+        slide.waiting[batch] = measured[0]
+        while slide.next_batch in slide.waiting:
+            with slide.timer("write"):
+                for table in slide.waiting.pop(slide.next_batch):
+                    slide.sink.write(table)
+            slide.next_batch += 1
+        queued = sum(int(t.num_rows) for tables in slide.waiting.values() for t in tables)
+        return int(slide.sink.count) + queued
+
+    def commit(self, slide_id: str, wall_seconds: float) -> dict[str, Any]:
+        slide = self.slides.pop(slide_id)
+        return slide.sink.commit(slide.timer, wall_seconds)
+
+    def abort(self, slide_id: str) -> None:
+        """Drop a slide, removing its temporary file (nothing when the slide is not here)."""
+        slide = self.slides.pop(slide_id, None)
+        if slide is not None:
+            slide.sink.abort()
+
+    def held(self) -> list[str]:
+        """The slides this writer holds now."""
+        return sorted(self.slides)
 
 
 def batches(n_tiles: int, per_batch: int) -> Sequence[tuple[int, int]]:

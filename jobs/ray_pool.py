@@ -90,7 +90,8 @@ class PoolActor:
 class SegmentPool:
     """Segmentation actors of one cohort run, keyed by a number that is never reused."""
 
-    def __init__(self, config: ExtractConfig, resources: WorkerResources, start_timeout_s: float) -> None:
+    def __init__(self, config: ExtractConfig, resources: WorkerResources, start_timeout_s: float,
+                 size: int | None = None) -> None:
         self.config, self.resources, self.start_timeout_s = config, resources, start_timeout_s
         self.members: dict[int, PoolActor] = {}
         self.by_id: dict[str, int] = {}
@@ -98,7 +99,7 @@ class SegmentPool:
         self.idle_since = time.monotonic()  #: since when no actor has been running
         self.start_failed: BaseException | None = None  #: an actor's constructor raised: grow no more
         self.replaced = 0  #: actors found dead for good and replaced
-        self.resize(resources.actors)
+        self.resize(resources.actors if size is None else size)
 
     # --- size -------------------------------------------------------------------------
     def resize(self, target: int, resources: WorkerResources | None = None) -> None:
@@ -181,7 +182,7 @@ class SegmentPool:
     def check_running(self) -> None:
         """Raise ConfigError when no actor has run for ``start_timeout_s`` (they cannot be placed)."""
         now = time.monotonic()
-        if any(m.running for m in self.members.values()):
+        if not self.members or any(m.running for m in self.members.values()):
             self.idle_since = now
         elif now - self.idle_since > self.start_timeout_s:
             cluster = ray.cluster_resources()  # type: ignore[no-untyped-call]

@@ -47,6 +47,8 @@ class SlideState:
     ranges: list[tuple[int, int]] = field(default_factory=list)
     submitted: int = 0
     written: int = 0
+    #: Rows its writer holds so far (what the progress bar counts before the slide commits).
+    rows: int = 0
     #: Batches whose worker died, to send again (alone), and each batch's deaths so far.
     retry: deque[int] = field(default_factory=deque)
     deaths: dict[int, int] = field(default_factory=dict)
@@ -77,6 +79,9 @@ class RayOptions:
     refresh_s: float = 5.0
     #: Tell an autoscaler the resources of the pending work (``ray.autoscaler.sdk.request_resources``).
     request_resources: bool = True
+    #: On a cluster without accelerators, read, segment and measure each batch in one CPU task
+    #: (segmenter cached per worker) instead of passing tiles through segmentation actors.
+    fuse_cpu: bool = True
 
     def scaled(self, cluster: dict[str, float]) -> RayOptions:
         """These options with the defaults filled in for a cluster's resources."""

@@ -8,6 +8,7 @@ committed with this one (resume), and write the same records and tables.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -132,16 +133,24 @@ def run_cohort_local(
     """Extract every pending slide of ``items`` into ``out`` in this process."""
     identity = start_run(out, config, segmenter, items)
     todo = pending_items(items, out, identity, config)
-    done = failed = 0
-    for item in tqdm(todo, unit="slide", disable=not show_progress):
+    done = failed = committed = 0
+    started = time.perf_counter()
+    bar = tqdm(todo, unit="slide", disable=not show_progress)
+
+    def on_tile(tiles_done: int, tiles: int, nuclei: int) -> None:  # nuclei as tiles finish
+        rate = (committed + nuclei) / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(nuclei=committed + nuclei, nuclei_per_s=f"{rate:.0f}", tile=f"{tiles_done}/{tiles}")
+
+    for item in bar:
         try:
             record = extract_slide(item.uri, out, config, segmenter, slide_id=item.slide_id, mpp_override=item.mpp,
-                                   identity=identity)  # fmt: skip
+                                   identity=identity, progress=on_tile if show_progress else None)  # fmt: skip
         except SlideFailure as failure:
             failed += 1
             record_failure(out, config, item, failure)
         else:
             done += 1
+            committed += int(record["nuclei_count"])
             log.info("slide %s: %d nuclei in %.1f s", item.slide_id, record["nuclei_count"], record["seconds_total"])
     consolidate(out, storage_options=config.storage_options)
     return CohortResult(done, failed, len(items) - len(todo), out)

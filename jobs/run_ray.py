@@ -11,7 +11,8 @@ resources, re-sizes the in-flight bounds and the segmentation pool
 (``ray_pool.SegmentPool``) and tells an autoscaler what the pending work needs.
 A killed worker costs a retry, not a slide: tasks are retried by Ray; a batch
 whose segmentation actor died is sent again (alone, after its first death); a
-slide whose writer died starts again with a new writer. After ``max_tries`` tries
+slide whose writer died starts again on another writer (a few writers live for the whole run,
+each holding the slides given to it). After ``max_tries`` tries
 the slide becomes a failures row naming the tiles or the worker, and the cohort
 goes on.
 """
@@ -30,7 +31,7 @@ from ray.actor import ActorHandle
 from tqdm import tqdm
 
 from ..actors.resources import WorkerResources
-from ..actors.segment import SlideWriterActor, batches, measure_task, prepare_task, read_task
+from ..actors.segment import batches, measure_task, prepare_task, read_task, tiles_task
 from ..pipeline.common.errors import NucleiscopeError
 from ..pipeline.extraction.config import ExtractConfig
 from ..pipeline.extraction.extract import PreparedSlide, SlideFailure
@@ -41,6 +42,7 @@ from ..pipeline.slides.inputs import SlideInput
 from .cluster import task_cause
 from .ray_pool import SegmentPool, WorkerLostError, actor_id, is_lost_worker, lost_actor_id
 from .ray_state import InFlight, RayOptions, SlideState, Stage
+from .ray_writers import WriterPool
 from .run_local import CohortResult, pending_items, record_failure, start_run
 
 __all__ = ["EventFn", "RayCohort", "RayOptions", "run_cohort_ray"]
@@ -63,7 +65,8 @@ class RayCohort:
         self.identity = identity
         self.on_event = on_event
         self._size_for(ray.cluster_resources())  # type: ignore[no-untyped-call]
-        self.pool = SegmentPool(config, self.resources, options.actor_wait_s)
+        self.pool = SegmentPool(config, self.resources, options.actor_wait_s, self._pool_size())
+        self.writers = WriterPool(out, config, identity)
         self.pending: dict[ObjectRef[Any], InFlight] = {}
         self.aborting: dict[ObjectRef[None], ActorHandle[Any]] = {}
         self.batches_in_flight = 0
@@ -86,14 +89,19 @@ class RayCohort:
         self.max_slides, self.max_batches = self.options.max_slides or 2, self.options.max_batches or 6
         self.resources = WorkerResources.for_cluster(cluster, o.actors, gpu_actors=o.gpu_actors,
                                                      accelerator=o.accelerator, max_actors=o.max_actors)  # fmt: skip
+        #: No accelerator to hold: each batch runs in one CPU task, without segmentation actors.
+        self.fused = o.fuse_cpu and not self.resources.actor_num_gpus and self.resources.actor_resource is None
+
+    def _pool_size(self) -> int:
+        return 0 if self.fused else self.resources.actors
 
     def refresh_cluster(self) -> None:
         """Re-read the cluster: in-flight bounds, pool size, the autoscaler's request."""
         self._size_for(ray.cluster_resources())  # type: ignore[no-untyped-call]
-        if self.pool.size != self.resources.actors:
+        if self.pool.size != self._pool_size():
             log.info("cluster changed: %d segmentation actors (had %d), %d batches in flight at most",
-                     self.resources.actors, self.pool.size, self.max_batches)  # fmt: skip
-            self.pool.resize(self.resources.actors, self.resources)
+                     self._pool_size(), self.pool.size, self.max_batches)  # fmt: skip
+            self.pool.resize(self._pool_size(), self.resources)
         self._request_resources()
         self.next_refresh = time.monotonic() + self.requested.refresh_s
 
@@ -102,7 +110,7 @@ class RayCohort:
         if not self.requested.request_resources:
             return
         waiting = len(self.queue) + sum(len(s.ranges) - s.written if s.prepared else 1 for s in self.active.values())
-        bundle = self.resources.actor_bundle()
+        bundle = {} if self.fused else self.resources.actor_bundle()
         demand = (0, []) if clear else (int(waiting * self.resources.task_num_cpus),
                                         [bundle] * self.resources.actors if bundle else [])  # fmt: skip
         if demand != self.demand and (self.demand is not None or not clear):
@@ -123,8 +131,9 @@ class RayCohort:
                     self._start(self.queue.popleft())
                 self._submit_batches()
                 self._step()
-                rate = self.nuclei / max(time.perf_counter() - started, 1e-9)
-                self.bar.set_postfix(nuclei=self.nuclei, nuclei_per_s=f"{rate:.0f}")
+                nuclei = self.nuclei + sum(s.rows for s in self.active.values())  # as batches are written
+                rate = nuclei / max(time.perf_counter() - started, 1e-9)
+                self.bar.set_postfix(nuclei=nuclei, nuclei_per_s=f"{rate:.0f}")
         except BaseException:
             for state in list(self.active.values()):
                 self._abort_writer(state)
@@ -173,28 +182,34 @@ class RayCohort:
             self.pool.undrain()
         for state in prepared:
             while state.retry and self.batches_in_flight < self.max_batches:
-                key = self.pool.pick(alone=True)
-                if key is None:
+                key = None if self.fused else self.pool.pick(alone=True)
+                if key is None and not self.fused:
                     break
                 self._submit(state, state.retry.popleft(), key)
         for state in prepared:
             while state.submitted < len(state.ranges) and self.batches_in_flight < self.max_batches:
-                key = self.pool.pick()
-                if key is None:
+                key = None if self.fused else self.pool.pick()
+                if key is None and not self.fused:
                     return
                 self._submit(state, state.submitted, key)
                 state.submitted += 1
 
-    def _submit(self, state: SlideState, index: int, key: int) -> None:
+    def _submit(self, state: SlideState, index: int, key: int | None) -> None:
         start, stop = state.ranges[index]
         cpus = self.resources.task_num_cpus
         assert state.prepared is not None and state.prepared_ref is not None and state.writer is not None
+        if key is None:  # fused: the whole batch in one task
+            measured = tiles_task.options(num_cpus=cpus).remote(state.prepared_ref, start, stop, self.config)
+            written: ObjectRef[int] = state.writer.write.remote(state.item.slide_id, index, measured)
+            self.pending[written] = InFlight(Stage.WRITE, state.item.slide_id, None, index, state.generation)
+            self.batches_in_flight += 1
+            return
         read = read_task.options(num_cpus=cpus).remote(state.prepared_ref, start, stop, self.config)
         predicted: ObjectRef[Any] = self.pool.take(key).predict.remote(read, state.prepared.seg_mpp,
                                                                        state.prepared.stats)  # fmt: skip
         measured = measure_task.options(num_cpus=cpus).remote(
             state.prepared_ref, start, stop, self.config, read, predicted)
-        ref = state.writer.write.remote(index, measured)
+        ref = state.writer.write.remote(state.item.slide_id, index, measured)
         self.pending[ref] = InFlight(Stage.WRITE, state.item.slide_id, key, index, state.generation)
         self.batches_in_flight += 1
 
@@ -204,8 +219,8 @@ class RayCohort:
             self._writer_aborted(ref)
             return
         if flight.stage is Stage.WRITE:
-            assert flight.actor is not None
-            self.pool.release(flight.actor)
+            if flight.actor is not None:
+                self.pool.release(flight.actor)
             self.batches_in_flight -= 1
         state = self.active.get(flight.slide_id)
         if state is None or state.generation != flight.generation:  # failed or started again: dropped
@@ -219,6 +234,7 @@ class RayCohort:
             self._prepared(state, value)
         elif flight.stage is Stage.WRITE:
             assert flight.batch is not None
+            state.rows = max(state.rows, int(value))
             self._written(state, flight.batch)
         else:
             self._committed(state, value)
@@ -267,7 +283,11 @@ class RayCohort:
             return
         log.warning("slide %s: %s (%s); starting it again", state.item.slide_id, what, type(cause).__name__)
         if state.writer is not None:
-            ray.kill(state.writer)
+            if self._writer_lost(state, cause):
+                self.writers.lost(state.writer)
+            else:
+                state.writer.abort.remote(state.item.slide_id)
+                self.writers.release(state.writer, state.item.slide_id)
         self.active.pop(state.item.slide_id)
         self._start(state.item, state.generation + 1)
         if self.on_event is not None:
@@ -283,13 +303,15 @@ class RayCohort:
 
     def _commit(self, state: SlideState) -> None:
         assert state.writer is not None
-        commit: ObjectRef[dict[str, Any]] = state.writer.commit.remote(time.perf_counter() - state.started)
+        commit: ObjectRef[dict[str, Any]] = state.writer.commit.remote(state.item.slide_id,
+                                                                      time.perf_counter() - state.started)
         self.pending[commit] = InFlight(Stage.COMMIT, state.item.slide_id, generation=state.generation)
 
     def _prepared(self, state: SlideState, prepared: PreparedSlide) -> None:
         state.prepared = prepared
         state.ranges = list(batches(len(prepared.plan.tiles), self.options.tiles_per_batch))
-        state.writer = SlideWriterActor.remote(self.out, prepared, self.config, self.identity)  # type: ignore[attr-defined]
+        assert state.prepared_ref is not None
+        state.writer = self.writers.assign(state.prepared_ref, state.item.slide_id, self.max_slides)
         if state.generation == 0:
             self.tile_bar.total = (self.tile_bar.total or 0) + len(prepared.plan.tiles)
         if not state.ranges:
@@ -301,7 +323,7 @@ class RayCohort:
         self.nuclei += int(record["nuclei_count"])
         log.info("slide %s: %d nuclei in %.1f s", slide_id, record["nuclei_count"], record["seconds_total"])
         if state.writer is not None:
-            ray.kill(state.writer)
+            self.writers.release(state.writer, slide_id)
             state.writer = None
         self._finish(state, "done")
 
@@ -312,11 +334,12 @@ class RayCohort:
         self._finish(state, "failed")
 
     def _abort_writer(self, state: SlideState) -> None:
-        """Ask a failed slide's writer to remove its temporary file, without waiting: the
-        writer is ended when its abort returns (after any writes queued before it)."""
+        """Ask a failed slide's writer to drop it and remove its temporary file (after any writes
+        queued before), without waiting."""
         if state.writer is None:
             return
-        ref: ObjectRef[None] = state.writer.abort.remote()
+        ref: ObjectRef[None] = state.writer.abort.remote(state.item.slide_id)
+        self.writers.release(state.writer, state.item.slide_id)
         self.aborting[ref] = state.writer
         self.pending[ref] = InFlight(Stage.ABORT, state.item.slide_id)
         state.writer = None
@@ -327,14 +350,12 @@ class RayCohort:
             ray.get(ref)
         except Exception:  # noqa: BLE001 - the writer may be gone already
             log.warning("a failed slide's writer could not remove its temporary file")
-        ray.kill(writer)
+            self.writers.lost(writer)
 
     def _end_aborted_writers(self, timeout_s: float) -> None:
-        """Wait at most ``timeout_s`` for outstanding aborts, then end every such writer."""
+        """Wait at most ``timeout_s`` for outstanding aborts (the writers are ended with the run)."""
         if self.aborting:
             ray.wait(list(self.aborting), num_returns=len(self.aborting), timeout=timeout_s)
-        for writer in self.aborting.values():
-            ray.kill(writer)
         self.aborting.clear()
 
     def _finish(self, state: SlideState, outcome: str) -> None:
@@ -365,5 +386,6 @@ def run_cohort_ray(
         done, failed = cohort.run(todo, show_progress)
     finally:
         cohort.pool.kill_all()
+        cohort.writers.kill_all()
         consolidate(out, storage_options=config.storage_options)
     return CohortResult(done, failed, len(items) - len(todo), out)

@@ -225,3 +225,14 @@ def test_a_signed_url_leaves_no_secret_in_the_outputs(synthetic_slide: Synthetic
     assert secret.encode() not in written and credential.encode() not in written
     uris = pd.read_parquet(fs.open("/signed-out/slides.parquet")).uri.tolist()
     assert uris == ["memory://signed/slide.svs?X-Amz-Credential=***&X-Amz-Signature=***"]
+
+
+def test_progress_counts_nuclei_as_tiles_finish(synthetic_slide: SyntheticTruth, tmp_path: Path) -> None:
+    """The progress callback sees the nuclei written after every tile, before the slide commits."""
+    calls: list[tuple[int, int, int]] = []
+    record = extract_slide(str(synthetic_slide.path), str(tmp_path), ExtractConfig(tile_px=512),
+                           make_segmenter("classical"), progress=lambda *a: calls.append(a))  # fmt: skip
+    assert [c[0] for c in calls] == list(range(1, record["tiles"] + 1))
+    assert {c[1] for c in calls} == {record["tiles"]}
+    nuclei = [c[2] for c in calls]
+    assert nuclei == sorted(nuclei) and 0 < nuclei[len(nuclei) // 2] < nuclei[-1] == record["nuclei_count"]

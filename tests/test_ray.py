@@ -16,6 +16,7 @@ from nucleiscope.pipeline.common.errors import ConfigError
 from nucleiscope.pipeline.extraction.config import ExtractConfig
 from nucleiscope.pipeline.segmentation.registry import make_segmenter
 from nucleiscope.pipeline.slides.inputs import SlideInput
+from tests.raykill import kill, session_workers
 from tests.synthetic import SyntheticTruth, write_synthetic_slide
 
 CONFIG = ExtractConfig(tile_px=512)
@@ -47,8 +48,8 @@ def read_nuclei(out: Path) -> pd.DataFrame:
     return table.sort_values(["slide_id", "nucleus_id"]).reset_index(drop=True)
 
 
-def run(cohort: list[SlideInput], out: Path, **kwargs: object) -> tuple[int, int, int]:
-    result = run_cohort_ray(cohort, str(out), CONFIG, make_segmenter("classical"), options=OPTIONS,
+def run(cohort: list[SlideInput], out: Path, options: RayOptions = OPTIONS, **kwargs: object) -> tuple[int, int, int]:
+    result = run_cohort_ray(cohort, str(out), CONFIG, make_segmenter("classical"), options=options,
                             show_progress=False, **kwargs)  # type: ignore[arg-type]
     return result.done, result.failed, result.skipped
 
@@ -98,8 +99,30 @@ def test_killed_segmentation_worker_changes_nothing(
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    assert run(cohort, tmp_path, on_event=kill_actor_once) == (2, 0, 0)
+    actors = RayOptions(tiles_per_batch=2, max_slides=2, max_batches=4, fuse_cpu=False)
+    assert run(cohort, tmp_path, actors, on_event=kill_actor_once) == (2, 0, 0)
     assert killed
+    pd.testing.assert_frame_equal(read_nuclei(tmp_path), reference)
+
+
+def test_killed_tile_task_worker_costs_a_retry_not_a_slide(
+    cohort: list[SlideInput], reference: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Without accelerators a batch is read, segmented and measured in one task; killing its
+    worker makes the driver send the batch again, with identical rows."""
+    killed: list[int] = []
+    events: list[str] = []
+
+    def kill_task_once(ray_cohort: RayCohort, event: str, slide_id: str) -> None:
+        events.append(event)
+        if event == "batch" and not killed:
+            for pid, title in session_workers().items():
+                if title == "ray::tiles_task" and kill(pid):
+                    killed.append(pid)
+                    break
+
+    assert run(cohort, tmp_path, on_event=kill_task_once) == (2, 0, 0)
+    assert killed and "retry" in events, (killed, events)
     pd.testing.assert_frame_equal(read_nuclei(tmp_path), reference)
 
 
@@ -127,3 +150,15 @@ def test_a_rerun_with_nothing_left_starts_no_actor(
     monkeypatch.setattr("nucleiscope.jobs.run_ray.RayCohort", no_cohort)
     assert run(cohort, tmp_path) == (0, 0, 2)
     assert sorted(pd.read_parquet(tmp_path / "slides.parquet").slide_id) == ["first", "second"]
+
+
+def test_progress_counts_rows_before_slides_commit(cohort: list[SlideInput], tmp_path: Path) -> None:
+    """The bar's nuclei count grows as batches are written, not only when a slide commits."""
+    seen: list[tuple[int, int]] = []
+
+    def watch(ray_cohort: RayCohort, event: str, slide_id: str) -> None:
+        if event == "batch":
+            seen.append((ray_cohort.done, ray_cohort.active[slide_id].rows))
+
+    assert run(cohort, tmp_path, on_event=watch) == (2, 0, 0)
+    assert any(done == 0 and rows > 0 for done, rows in seen), seen

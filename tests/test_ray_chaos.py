@@ -24,8 +24,9 @@ CONFIG = ExtractConfig(tile_px=256)
 KINDS = {"writer": ("ray::SlideWriterActor",), "segment": ("ray::SegmentWorker",),
          "task": ("ray::read_task", "ray::measure_task", "ray::prepare_task", "ray::IDLE")}  # fmt: skip
 KILLS = 9
-#: More tries than kills: no batch or slide can run out of tries, so any failure is a bug.
-OPTIONS = RayOptions(tiles_per_batch=2, max_slides=2, max_batches=4, max_tries=KILLS + 1)
+#: More tries than kills: no batch or slide can run out of tries, so any failure is a bug. Segmentation
+#: actors on CPUs too (``fuse_cpu=False``): the path with every kind of worker (as on GPU clusters).
+OPTIONS = RayOptions(tiles_per_batch=2, max_slides=2, max_batches=4, max_tries=KILLS + 1, fuse_cpu=False)
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

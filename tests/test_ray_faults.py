@@ -23,7 +23,8 @@ from nucleiscope.pipeline.slides.inputs import SlideInput
 from tests.synthetic import SyntheticTruth, write_synthetic_slide
 
 CONFIG = ExtractConfig(tile_px=512)
-OPTIONS = RayOptions(tiles_per_batch=2, max_slides=2, max_batches=4)
+#: Segmentation actors on CPUs too (as on GPU clusters): the path whose workers these tests kill.
+OPTIONS = RayOptions(tiles_per_batch=2, max_slides=2, max_batches=4, fuse_cpu=False)
 #: Fraction of a tile's pixels darker than haematoxylin-free tissue above which the poison
 #: segmenter kills its process: ~10 % on the usual synthetic slides, ~35 % on the poison one.
 POISON_DARK_FRACTION = 0.22
@@ -126,4 +127,4 @@ def test_actors_that_cannot_start_stop_the_run_at_once(
     with pytest.raises(NucleiscopeError, match="(?s)no segmentation actor could start: .*CUDA driver not found"):
         # the wait for actors that cannot be placed is far longer than the test's timeout
         run_cohort_ray(slides[2:], str(tmp_path), CONFIG, make_segmenter("classical"), show_progress=False,
-                       options=RayOptions(actor_wait_s=3600))  # fmt: skip
+                       options=RayOptions(actor_wait_s=3600, fuse_cpu=False))  # fmt: skip

@@ -46,7 +46,8 @@ DROPPED_KEY = b"nucleiscope.artefacts_dropped"
 FIT_PATCH_PX = 384
 FIT_PATCHES = 16
 
-ProgressFn = Callable[[int, int], None]
+#: Called after every tile as (tiles done, tiles of the slide, nuclei written so far).
+ProgressFn = Callable[[int, int, int], None]
 
 
 @dataclass
@@ -305,7 +306,7 @@ def extract_slide(
                     with timer("write"):
                         sink.write(table)
                     if progress is not None:
-                        progress(done, len(prepared.plan.tiles))
+                        progress(done, len(prepared.plan.tiles), sink.count)
             return sink.commit(timer, time.perf_counter() - start)
         except BaseException:
             sink.abort()
