@@ -78,7 +78,9 @@ def run_demo(out: str, *, segmenter: str | None = None) -> int:
     slide = demo_slide()
     name, model = default_segmenter() if segmenter is None else (segmenter, shipped_weights(segmenter))
     config = ExtractConfig(segmenter=name, model_path=model)
-    code = run_extract([str(slide)], out, config)
+    # One slide on one machine: Ray would add its start-up and buy nothing (the network already
+    # uses every core in this process), so the demo runs in process (bench_cohort: Ray vs local).
+    code = run_extract([str(slide)], out, config, local=True)
     slides = pd.read_parquet(os.path.join(out, "slides.parquet"))
     if code != 0 or slides.empty:
         print(f"demo failed; see {os.path.join(out, 'failures.parquet')}")

@@ -309,7 +309,8 @@ class RayCohort:
 
     def _prepared(self, state: SlideState, prepared: PreparedSlide) -> None:
         state.prepared = prepared
-        state.ranges = list(batches(len(prepared.plan.tiles), self.options.tiles_per_batch))
+        per_batch = self.options.tiles_per_batch or (1 if self.fused else 4)
+        state.ranges = list(batches(len(prepared.plan.tiles), per_batch))
         assert state.prepared_ref is not None
         state.writer = self.writers.assign(state.prepared_ref, state.item.slide_id, self.max_slides)
         if state.generation == 0:

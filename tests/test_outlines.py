@@ -132,3 +132,22 @@ def test_peaks_and_watershed_equal_per_component_references(seed: int) -> None:
     markers, _ = ndi.label(peaks, structure=_EIGHT)
     got = component_watershed(-smooth, markers.astype(np.int32), components)
     np.testing.assert_array_equal(got, reference_watershed(-smooth, markers.astype(np.int32), components))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_morphology_equals_scipy(seed: int) -> None:
+    from nucleiscope.pipeline.segmentation.instances import dilate_disk, erode_disk, fill_small_holes
+
+    rng = np.random.default_rng(seed)
+    mask = ndi.gaussian_filter(rng.random((120, 90)), 1.5) > 0.5
+    mask[0, :] = mask[:, -1] = True  # objects cut by the border
+    for radius in (1, 2, 4):
+        fp = disk_footprint(radius)
+        np.testing.assert_array_equal(erode_disk(mask, fp), ndi.binary_erosion(mask, structure=fp, border_value=1))
+        np.testing.assert_array_equal(dilate_disk(mask, fp), ndi.binary_dilation(mask, structure=fp, border_value=0))
+    for max_hole_px in (0, 3, 20, 1e9):
+        holes = ndi.binary_fill_holes(mask) & ~mask
+        labels, _ = ndi.label(holes)
+        small = np.bincount(labels.ravel()) <= max_hole_px
+        small[0] = False
+        np.testing.assert_array_equal(fill_small_holes(mask, max_hole_px), mask | small[labels])

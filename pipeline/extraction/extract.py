@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -297,22 +298,64 @@ def extract_slide(
         sink = SlideSink(out, prepared, identity, opts)
         try:
             with reopen_slide(prepared, opts) as slide:
-                for done, tile in enumerate(prepared.plan.tiles, start=1):
-                    with timer("read"):
-                        rgb = read_tiles(slide, prepared, [tile])[0]
-                    with timer("segment"):
-                        evidence = segmenter.predict(rgb, prepared.seg_mpp, prepared.stats)
-                    table = measure_tile(evidence, rgb, tile, prepared, segmenter, timer)
-                    with timer("write"):
-                        sink.write(table)
-                    if progress is not None:
-                        progress(done, len(prepared.plan.tiles), sink.count)
+                run_tiles(slide, prepared, segmenter, sink, timer, progress)
             return sink.commit(timer, time.perf_counter() - start)
         except BaseException:
             sink.abort()
             raise
     except Exception as exc:  # every failure becomes a failures row upstream
         raise SlideFailure(timer.stage, exc) from exc
+
+
+def run_tiles(
+    slide: Slide, prepared: PreparedSlide, segmenter: Segmenter, sink: SlideSink, timer: StageTimer,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Every tile of the plan through the segmenter and measurement into ``sink``, in order.
+
+    A segmenter whose ``predict`` runs in threads of its own (a network: ``predict_uses_threads``)
+    has each tile post-processed and measured in a second thread while it predicts the next,
+    so measurement no longer waits for the network (their stage seconds then overlap).
+    """
+    tiles = prepared.plan.tiles
+
+    def predicted(tile: Tile) -> tuple[NDArray[np.uint8], NDArray[Any]]:
+        with timer("read"):
+            rgb = read_tiles(slide, prepared, [tile])[0]
+        with timer("segment"):
+            return rgb, segmenter.predict(rgb, prepared.seg_mpp, prepared.stats)
+
+    def written(done: int, table: pa.Table) -> None:
+        with timer("write"):
+            sink.write(table)
+        if progress is not None:
+            progress(done, len(tiles), sink.count)
+
+    if not getattr(segmenter, "predict_uses_threads", False):
+        for done, tile in enumerate(tiles, start=1):
+            rgb, evidence = predicted(tile)
+            written(done, measure_tile(evidence, rgb, tile, prepared, segmenter, timer))
+        return
+    side = StageTimer()  # the measuring thread's own (a timer's current stage is not shared)
+    with ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
+        waiting: tuple[int, Future[pa.Table]] | None = None
+        for done, tile in enumerate(tiles, start=1):
+            rgb, evidence = predicted(tile)
+            if waiting is not None:
+                written(waiting[0], _measured(waiting[1], side, timer))
+            waiting = (done, pool.submit(measure_tile, evidence, rgb, tile, prepared, segmenter, side))
+        if waiting is not None:
+            written(waiting[0], _measured(waiting[1], side, timer))
+    timer.add(side.seconds)
+
+
+def _measured(future: Future[pa.Table], side: StageTimer, timer: StageTimer) -> pa.Table:
+    """The measuring thread's table; its failure names the stage it failed in."""
+    try:
+        return future.result()
+    except BaseException:
+        timer.stage = side.stage
+        raise
 
 
 def slide_record(

@@ -110,6 +110,8 @@ class AttentionSegmenter:
         self._max_batch = max_batch if max_batch is not None else (8 if cuda else 1)
         self._net = to_device(self._net, self.device, channels_last=cuda).eval()
         self._warned_mpp = False
+        #: The network runs in torch's threads: extraction measures the last tile meanwhile.
+        self.predict_uses_threads = True
 
     @property
     def tau_ema(self) -> float:

@@ -25,7 +25,15 @@ from skimage.filters import threshold_otsu
 
 from ..color.stain import hematoxylin_od, rgb_to_od
 from ..common.errors import ConfigError
-from .instances import disk_footprint, distance_watershed, fill_small_holes, filter_by_area, remove_small_components
+from .instances import (
+    dilate_disk,
+    disk_footprint,
+    distance_watershed,
+    erode_disk,
+    fill_small_holes,
+    filter_by_area,
+    remove_small_components,
+)
 from .protocol import SlideStats
 
 log = logging.getLogger(__name__)
@@ -175,8 +183,7 @@ class ClassicalSegmenter:
         radius = int(round(p.open_radius_um / mpp))
         if radius >= 1:
             fp = disk_footprint(radius)
-            mask = ndi.binary_erosion(mask, structure=fp, border_value=1)
-            mask = ndi.binary_dilation(mask, structure=fp, border_value=0)
+            mask = dilate_disk(erode_disk(mask, fp), fp)  # opening; outside counts as foreground
         return remove_small_components(mask, p.min_component_um2 / px2)
 
     def predict(self, rgb: NDArray[np.uint8], mpp: float, stats: SlideStats) -> NDArray[np.bool_]:

@@ -44,24 +44,45 @@ def clean_mask(mask: NDArray[np.bool_], radii_px: tuple[int, ...]) -> NDArray[np
 
 
 def _erode(mask: NDArray[np.bool_], fp: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    # Outside the image counts as foreground, so objects cut by the border are not eroded.
-    return np.asarray(ndi.binary_erosion(mask, structure=fp, border_value=1), dtype=bool)
+    return erode_disk(mask, fp)
+
+
+def erode_disk(mask: NDArray[np.bool_], fp: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """Binary erosion by the footprint ``fp`` (odd, centred), outside the image counting as
+    foreground so objects cut by the border are not eroded (``scipy.ndimage.binary_erosion``
+    with ``border_value=1``, pixel for pixel; OpenCV's default border for erosion)."""
+    out = cv2.erode(np.ascontiguousarray(mask, dtype=bool).view(np.uint8), fp.astype(np.uint8))
+    return np.asarray(out.view(bool), dtype=bool)
 
 
 def _dilate(mask: NDArray[np.bool_], fp: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    return np.asarray(ndi.binary_dilation(mask, structure=fp, border_value=0), dtype=bool)
+    return dilate_disk(mask, fp)
+
+
+def dilate_disk(mask: NDArray[np.bool_], fp: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """Binary dilation by the footprint ``fp`` (odd, centred), nothing beyond the image
+    (``scipy.ndimage.binary_dilation`` with ``border_value=0``, pixel for pixel; OpenCV)."""
+    out = cv2.dilate(np.ascontiguousarray(mask, dtype=bool).view(np.uint8), fp.astype(np.uint8),
+                     borderType=cv2.BORDER_CONSTANT, borderValue=0)  # fmt: skip
+    return np.asarray(out.view(bool), dtype=bool)
 
 
 def fill_small_holes(mask: NDArray[np.bool_], max_hole_px: float) -> NDArray[np.bool_]:
-    """Fill enclosed background regions of at most ``max_hole_px`` pixels (8-connected objects)."""
+    """Fill enclosed background regions of at most ``max_hole_px`` pixels (8-connected objects).
+
+    The holes are the 4-connected background regions that do not reach the image border (what
+    ``scipy.ndimage.binary_fill_holes`` fills), found with one labelling of the background.
+    """
     mask = np.asarray(mask, dtype=bool)
-    holes = ndi.binary_fill_holes(mask) & ~mask
-    hole_labels, count = ndi.label(holes)
+    background, count = ndi.label(~mask)
     if count == 0:
         return mask
-    small = np.bincount(hole_labels.ravel()) <= max_hole_px
+    size = np.bincount(background.ravel(), minlength=count + 1).astype(np.float64)
+    edge = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    size[edge] = np.inf  # reaches the border: not a hole
+    small = size <= max_hole_px
     small[0] = False
-    return np.asarray(mask | small[hole_labels], dtype=bool)
+    return np.asarray(mask | small[background], dtype=bool)
 
 
 def remove_small_components(mask: NDArray[np.bool_], min_px: float) -> NDArray[np.bool_]:

@@ -31,7 +31,9 @@ from .attention import MAX_NUCLEUS_RADIUS_UM, apply_stain_stats, stain_stats
 from .instances import (
     component_peaks,
     component_watershed,
+    dilate_disk,
     disk_footprint,
+    euclidean_distance,
     fill_small_holes,
     filter_by_area,
     remove_small_components,
@@ -116,7 +118,7 @@ def core_outline_mask(mask: NDArray[np.bool_], core: NDArray[np.bool_], band_px:
     """``core`` grown by ``band_px`` (a disk) inside ``mask``; components of ``mask`` that
     hold no core pixel are kept whole (a small nucleus the network saw only as boundary)."""
     core = core & mask
-    grown = ndi.binary_dilation(core, structure=disk_footprint(band_px)) if band_px > 0 else core
+    grown = dilate_disk(core, disk_footprint(band_px)) if band_px > 0 else core
     components, count = ndi.label(mask, structure=_EIGHT)
     has_core = np.zeros(count + 1, dtype=bool)
     has_core[np.unique(components[core])] = True
@@ -134,7 +136,7 @@ def mask_to_instances(
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
     core = (interior > p.seed_threshold) & mask
-    depth = ndi.distance_transform_edt(core)
+    depth = euclidean_distance(core)
     if p.seed_sigma_um > 0:
         depth = ndi.gaussian_filter(depth, p.seed_sigma_um / mpp)
     cores, _ = ndi.label(core, structure=_EIGHT)
@@ -241,6 +243,8 @@ class StudentSegmenter:
         self.receptive_field_px = net.receptive_field_px()
         self.context_um = self.receptive_field_px / 2 * mpp + MAX_NUCLEUS_RADIUS_UM
         self._warned_mpp = False
+        #: The network runs in torch's threads: extraction measures the last tile meanwhile.
+        self.predict_uses_threads = True
 
     def precision(self, device: str) -> str:
         """The network's arithmetic: bfloat16 on CUDA and on CPUs that compute it natively, else
