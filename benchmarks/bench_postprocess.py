@@ -5,10 +5,11 @@
 The stages of ``measure_tile`` after the network (post-processing: watershed split and
 area filter; measurement: artefact calls, per-nucleus features, outlines, WKB) are timed
 on the tiles of bench_extract's slides (CMU-1 and synthetic 0.25 µm/px slides), classical
-segmenter. Each revision runs in a child process pinned to one core (``taskset -c 0``
-where available), which reads and segments every tile once, untimed, then runs the two
-stages ``--repeats`` times and reports the median CPU megapixels/s of working pixels
-(overlap included). The baseline is checked out with ``git worktree`` into a temporary
+segmenter. Each revision runs in child processes pinned to one core (``taskset -c 0``
+where available), which read and segment every tile once, untimed, then run the two
+stages; baseline and this tree take turns ``--repeats`` times (so a drift of the machine's
+speed hits both alike) and the median CPU megapixels/s of working pixels (overlap
+included) of each is reported. The baseline is checked out with ``git worktree`` into a temporary
 folder. Printed: both revisions' figures, the speed-up (ratio of the two medians), and
 how the outputs compare column by column (identical, or the largest difference).
 ``--profile`` adds the profiler's top entries of this tree's stages.
@@ -107,6 +108,21 @@ def run_child(slide: str, import_root: str | None, out: str, repeats: int, profi
     return json.loads(results[-1][7:])  # type: ignore[no-any-return]
 
 
+def interleaved(slide: str, root: str, work: str, repeats: int, profile: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Baseline and this tree, one child each in turn ``repeats`` times (a machine whose speed
+    drifts then slows both alike); the medians of each one's figures."""
+    runs: dict[str, list[dict[str, float]]] = {"base": [], "new": []}
+    for n in range(repeats):
+        runs["base"].append(run_child(slide, root, os.path.join(work, "base.parquet"), 1, False))
+        runs["new"].append(run_child(slide, None, os.path.join(work, "new.parquet"), 1, profile and n == 0))
+
+    def median(rows: list[dict[str, float]]) -> dict[str, float]:
+        return {k: statistics.median(r[k] for r in rows) if isinstance(rows[0][k], (int, float)) else rows[0][k]
+                for k in rows[0]}  # fmt: skip
+
+    return median(runs["base"]), median(runs["new"])
+
+
 def compare(base: str, new: str) -> str:
     """How two measured tables differ: 'identical', or per column the largest difference."""
     import numpy as np
@@ -155,8 +171,7 @@ def main() -> int:
             print(f"classical, tile 1024 px, one core; CPU megapixels/s of post-processing + measurement, "
                   f"median of {args.repeats}; baseline {args.baseline}")  # fmt: skip
             for slide in slides:
-                base = run_child(slide, root, os.path.join(work, "base.parquet"), args.repeats, False)
-                new = run_child(slide, None, os.path.join(work, "new.parquet"), args.repeats, args.profile)
+                base, new = interleaved(slide, root, work, args.repeats, args.profile)
                 print(f"{Path(slide).name}: {new['megapixels']:.1f} MP, {new['nuclei']} nuclei; "
                       f"baseline {base['megapixels'] / base['cpu_s']:.2f} MP/s "
                       f"(postprocess {base['megapixels'] / base['postprocess_s']:.1f}, measure "
