@@ -166,8 +166,10 @@ def test_a_node_killed_mid_run_costs_retries_not_slides(
 ) -> None:
     proc, _ = elastic.add_node("doomed")
     out = tmp_path / "out"
+    # One batch in flight: the cohort takes long enough after its first commit for the kill to
+    # land mid-run (with fused CPU tasks these small slides are otherwise done within a second).
     driver = elastic.driver("-m", "nucleiscope.jobs.cli", "extract", *slides, "--out", str(out), "--tile-px",
-                            str(TILE_PX), "--segmenter", "classical", "--no-progress")  # fmt: skip
+                            str(TILE_PX), "--segmenter", "classical", "--no-progress", "--max-batches", "1")  # fmt: skip
     committed = lambda: list(out.glob("nuclei/slide_id=*/*.parquet"))  # noqa: E731
     wait_for("a first slide committed", lambda: committed() or driver.poll() is not None, RUN_TIMEOUT_S,
              elastic.api.logs)  # fmt: skip
