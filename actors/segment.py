@@ -70,6 +70,16 @@ def read_task(prepared: PreparedSlide, start: int, stop: int, config: ExtractCon
     return tiles, {"read": time.perf_counter() - begin}
 
 
+def _measure_batch(
+    prepared: PreparedSlide, start: int, stop: int, config: ExtractConfig,
+    rgbs: Sequence[NDArray[np.uint8]], evidence: Sequence[NDArray[Any]], timer: StageTimer,
+) -> list[pa.Table]:
+    """Post-process and measure tiles ``start:stop`` from their RGB windows and evidence."""
+    segmenter = _segmenter(config)
+    return [measure_tile(ev, rgb, tile, prepared, segmenter, timer)
+            for ev, rgb, tile in zip(evidence, rgbs, prepared.plan.tiles[start:stop])]  # fmt: skip
+
+
 @ray.remote(max_retries=3)
 def measure_task(
     prepared: PreparedSlide, start: int, stop: int, config: ExtractConfig,
@@ -79,12 +89,8 @@ def measure_task(
     timer = StageTimer()
     timer.add(read[1])
     timer.add(predicted[1])
-    segmenter = _segmenter(config)
     try:
-        tables = [
-            measure_tile(evidence, rgb, tile, prepared, segmenter, timer)
-            for evidence, rgb, tile in zip(predicted[0], read[0], prepared.plan.tiles[start:stop])
-        ]
+        tables = _measure_batch(prepared, start, stop, config, read[0], predicted[0], timer)
     except Exception as exc:
         raise SlideFailure(timer.stage, exc) from exc
     return tables, timer.seconds
@@ -102,8 +108,7 @@ def tiles_task(prepared: PreparedSlide, start: int, stop: int, config: ExtractCo
             tiles = read_tiles(slide, prepared, prepared.plan.tiles[start:stop])
         with timer("segment"):
             evidence = segmenter.predict_batch(tiles, prepared.seg_mpp, prepared.stats)
-        tables = [measure_tile(ev, rgb, tile, prepared, segmenter, timer)
-                  for ev, rgb, tile in zip(evidence, tiles, prepared.plan.tiles[start:stop])]  # fmt: skip
+        tables = _measure_batch(prepared, start, stop, config, tiles, evidence, timer)
     except Exception as exc:
         raise SlideFailure(timer.stage, exc) from exc
     return tables, timer.seconds

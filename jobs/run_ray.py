@@ -198,18 +198,16 @@ class RayCohort:
         start, stop = state.ranges[index]
         cpus = self.resources.task_num_cpus
         assert state.prepared is not None and state.prepared_ref is not None and state.writer is not None
+        measured: ObjectRef[Any]
         if key is None:  # fused: the whole batch in one task
             measured = tiles_task.options(num_cpus=cpus).remote(state.prepared_ref, start, stop, self.config)
-            written: ObjectRef[int] = state.writer.write.remote(state.item.slide_id, index, measured)
-            self.pending[written] = InFlight(Stage.WRITE, state.item.slide_id, None, index, state.generation)
-            self.batches_in_flight += 1
-            return
-        read = read_task.options(num_cpus=cpus).remote(state.prepared_ref, start, stop, self.config)
-        predicted: ObjectRef[Any] = self.pool.take(key).predict.remote(read, state.prepared.seg_mpp,
-                                                                       state.prepared.stats)  # fmt: skip
-        measured = measure_task.options(num_cpus=cpus).remote(
-            state.prepared_ref, start, stop, self.config, read, predicted)
-        ref = state.writer.write.remote(state.item.slide_id, index, measured)
+        else:
+            read = read_task.options(num_cpus=cpus).remote(state.prepared_ref, start, stop, self.config)
+            predicted: ObjectRef[Any] = self.pool.take(key).predict.remote(read, state.prepared.seg_mpp,
+                                                                           state.prepared.stats)  # fmt: skip
+            measured = measure_task.options(num_cpus=cpus).remote(
+                state.prepared_ref, start, stop, self.config, read, predicted)
+        ref: ObjectRef[int] = state.writer.write.remote(state.item.slide_id, index, measured)
         self.pending[ref] = InFlight(Stage.WRITE, state.item.slide_id, key, index, state.generation)
         self.batches_in_flight += 1
 

@@ -38,12 +38,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
 from ..color.stain import STAIN_OD_VECTORS, hematoxylin_from_od, rgb_to_od
+from ..segmentation.instances import dilate_disk, disk_footprint
 from .morphometrics import _dense_labels
 
 #: Values of the ``artefact`` column of flagged (kept) objects; dropped objects are ``ink``.
@@ -184,16 +184,14 @@ def _surround(dense: NDArray[np.int32], value: NDArray[np.float32], glass: NDArr
     ring_od, ring_glass = np.full(n, np.nan), np.zeros(n)
     if ring_px < 1:
         return ring_od, ring_glass
-    r = np.arange(-ring_px, ring_px + 1)
-    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= ring_px * ring_px).astype(np.uint8)
+    disk = disk_footprint(ring_px)
     for k, box in enumerate(ndi.find_objects(dense, max_label=n)):
         if box is None:
             continue
         rows = slice(max(box[0].start - ring_px, 0), box[0].stop + ring_px)
         cols = slice(max(box[1].start - ring_px, 0), box[1].stop + ring_px)
         crop = dense[rows, cols]
-        grown = cv2.dilate((crop == k + 1).view(np.uint8), disk, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-        ring = grown.view(bool) & (crop == 0)
+        ring = dilate_disk(crop == k + 1, disk) & (crop == 0)
         if ring.any():
             ring_od[k] = float(value[rows, cols][ring].mean())
             ring_glass[k] = float(glass[rows, cols][ring].mean())

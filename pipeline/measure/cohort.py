@@ -20,7 +20,6 @@ Slides that failed are not in it; they are in ``failures.parquet``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -29,6 +28,7 @@ import pyarrow as pa
 from numpy.typing import NDArray
 
 from ..common.errors import ConfigError
+from ..common.validate import finite_number
 
 #: Robust z-score of a normal sample: MAD x 1.4826 estimates the standard deviation.
 MAD_TO_SD = 1.4826
@@ -55,8 +55,7 @@ class CohortQc:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
+            if not finite_number(value) or value < 0:
                 raise ConfigError(f"CohortQc.{f.name} must be a finite number >= 0, got {value!r}")
         if not isinstance(self.min_slides, int) or self.min_slides < 2:
             raise ConfigError(f"CohortQc.min_slides must be an integer >= 2, got {self.min_slides!r}")

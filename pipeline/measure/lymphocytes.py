@@ -16,7 +16,6 @@ nuclei (plasma cells seen end-on, apoptotic bodies, some tumour nuclei cut at th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -25,8 +24,9 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 from skimage.filters import threshold_otsu
 
-from ..color.stain import hematoxylin_od, rgb_to_od
+from ..color.stain import hematoxylin_from_od, rgb_to_od
 from ..common.errors import ConfigError
+from ..common.validate import finite_number
 
 #: Name of the flag column of the nuclei table.
 COLUMN = "lymphocyte_like"
@@ -62,8 +62,7 @@ class LymphocyteRule:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and value >= 0):
+            if not finite_number(value) or value < 0:
                 raise ConfigError(f"LymphocyteRule.{f.name} must be a finite number >= 0, got {value!r}")
         if self.min_area_um2 >= self.max_area_um2:
             raise ConfigError(f"LymphocyteRule: min_area_um2 {self.min_area_um2} must be below max_area_um2 "
@@ -77,10 +76,11 @@ def hematoxylin_reference(rgb: NDArray[np.uint8]) -> float | None:
     """The haematoxylin reference of a view: Otsu's threshold of the haematoxylin OD of its tissue
     pixels; None with under ``MIN_REFERENCE_PX`` tissue pixels or a single value."""
     rgb = np.ascontiguousarray(rgb[..., :3])
-    tissue = rgb_to_od(rgb).max(axis=-1) >= TISSUE_OD
+    od = rgb_to_od(rgb)
+    tissue = od.max(axis=-1) >= TISSUE_OD
     if int(tissue.sum()) < MIN_REFERENCE_PX:
         return None
-    values = hematoxylin_od(rgb)[tissue].astype(np.float64)
+    values = hematoxylin_from_od(od)[tissue].astype(np.float64)
     if float(values.max()) <= float(values.min()):
         return None
     reference = float(threshold_otsu(values))  # type: ignore[no-untyped-call]

@@ -101,7 +101,7 @@ def measure_nuclei(
     perimeter_px = _crofton_perimeter(dense, n)[1:]
     od_stats = _od_stats(dense, rgb, n)
     boxes = ndimage.find_objects(dense)
-    geoms, solidity = _outlines(dense, origin_px, scale)
+    geoms, solidity = _outlines(dense, ids.size, origin_px, scale)
     lookup = flags or {}
     artefact: list[str | None] = [lookup.get(int(i)) for i in ids]
     return _assemble(ids, stats, perimeter_px, od_stats, boxes, geoms, solidity, artefact,
@@ -190,11 +190,11 @@ def _od_stats(dense: NDArray[np.int32], rgb: NDArray[np.uint8], n: int) -> NDArr
 
 def _outlines(
     dense: NDArray[np.int32],
+    n: int,
     origin_px: tuple[float, float],
     scale: float,
 ) -> tuple[list[bytes], NDArray[np.float64]]:
-    """WKB outline (level-0 px) and solidity of every label."""
-    n = int(dense.max()) if dense.size else 0
+    """WKB outline (level-0 px) and solidity of every label 1..n."""
     rings = trace_rings(dense, n)
     ox, oy = float(origin_px[0]), float(origin_px[1])
     x = ox + (rings.xy[:, 0] + 0.5) * scale

@@ -38,13 +38,9 @@ def clean_mask(mask: NDArray[np.bool_], radii_px: tuple[int, ...]) -> NDArray[np
     out = np.asarray(mask, dtype=bool)
     for r in radii_px:
         fp = disk_footprint(r)
-        out = _dilate(_erode(out, fp), fp)
-        out = _erode(_dilate(out, fp), fp)
+        out = dilate_disk(erode_disk(out, fp), fp)
+        out = erode_disk(dilate_disk(out, fp), fp)
     return out
-
-
-def _erode(mask: NDArray[np.bool_], fp: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    return erode_disk(mask, fp)
 
 
 def erode_disk(mask: NDArray[np.bool_], fp: NDArray[np.bool_]) -> NDArray[np.bool_]:
@@ -53,10 +49,6 @@ def erode_disk(mask: NDArray[np.bool_], fp: NDArray[np.bool_]) -> NDArray[np.boo
     with ``border_value=1``, pixel for pixel; OpenCV's default border for erosion)."""
     out = cv2.erode(np.ascontiguousarray(mask, dtype=bool).view(np.uint8), fp.astype(np.uint8))
     return np.asarray(out.view(bool), dtype=bool)
-
-
-def _dilate(mask: NDArray[np.bool_], fp: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    return dilate_disk(mask, fp)
 
 
 def dilate_disk(mask: NDArray[np.bool_], fp: NDArray[np.bool_]) -> NDArray[np.bool_]:

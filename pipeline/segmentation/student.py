@@ -229,7 +229,7 @@ class StudentSegmenter:
         # Channels-last and, where the CPU computes it natively, bfloat16: about 3.5x faster on
         # a CPU than contiguous float32 (quality on the validation images: MODEL_CARD.md).
         on_cpu = self.device.type == "cpu"
-        self._bf16 = self.device.type == "cuda" or (on_cpu and cpu_has_bf16())
+        self._bf16 = self.precision(self.device.type) == "bf16"
         self._layout = torch.channels_last if on_cpu else torch.contiguous_format
         self._net = net.to(self.device).to(memory_format=self._layout).eval()  # type: ignore[call-overload]
         # One tile a pass on the CPU: CPU kernels are chosen by batch size, so batching would make
